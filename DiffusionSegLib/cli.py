@@ -1,0 +1,58 @@
+"""The ``diffusionseg`` command: a thin dispatcher over ``DiffusionSegLib.commands``.
+
+Each subcommand lives in its own module with ``add_arguments(parser)`` and ``run(args) -> int``; this file only
+parses arguments, sets up logging and turns a :class:`UserInputError` into one line and exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+from collections.abc import Sequence
+
+from DiffusionSegLib.errors import USER_ERROR_EXIT_CODE, UserInputError
+
+__all__ = ["main", "build_parser", "COMMANDS"]
+
+# subcommand name -> (module in DiffusionSegLib.commands, one-line help)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "info": ("info", "show a volume's geometry, intensity statistics and whether it looks like CT"),
+    "preprocess": ("preprocess", "put a CT on the working grid (orient, crop to body, resample) and write it"),
+    "demo": ("demo", "run the main job on the bundled sample CT with the shipped defaults"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="diffusionseg",
+        description="Anatomically guided diffusion pretraining and few-shot organ segmentation for CT.",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, (module_name, summary) in COMMANDS.items():
+        module = importlib.import_module(f"DiffusionSegLib.commands.{module_name}")
+        sub = subparsers.add_parser(name, help=summary, description=(module.__doc__ or summary).strip())
+        module.add_arguments(sub)
+        sub.set_defaults(_run=module.run)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; returns the exit status (0 ok, 2 bad input or arguments)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s")
+    try:
+        return int(args._run(args) or 0)
+    except UserInputError as error:
+        print(f"diffusionseg {args.command}: error: {error}", file=sys.stderr)
+        return USER_ERROR_EXIT_CODE
+    except KeyboardInterrupt:
+        print(f"diffusionseg {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Subcommands of the ``diffusionseg`` command line, one module each (``add_arguments`` + ``run``)."""

@@ -1,0 +1,285 @@
+"""Reading, checking and writing 3D volumes with their geometry.
+
+Volumes are ``SimpleITK.Image`` objects throughout the library: the image carries its spacing, origin and
+direction (ITK's LPS physical space), so geometry travels with the voxels. Arrays taken from an image are in
+SimpleITK's ``(z, y, x)`` order; spacing tuples are in ITK's ``(x, y, z)`` order.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+
+from DiffusionSegLib.errors import UserInputError
+
+__all__ = [
+    "READ_SUFFIXES",
+    "WRITE_SUFFIXES",
+    "read_volume",
+    "write_volume",
+    "check_volume",
+    "check_ct",
+    "check_label_map",
+    "same_grid",
+    "ct_likeness",
+    "volume_info",
+    "CTCheck",
+]
+
+READ_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd", ".seg.nrrd")
+WRITE_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".mha", ".seg.nrrd")
+
+# Fraction of voxels at or below -100 HU (air, lung, fat) in any CT field of view we expect; MR magnitude
+# images are non-negative up to noise and have almost none.
+_CT_LOW_HU = -100.0
+_CT_MIN_LOW_FRACTION = 0.01
+_CT_MAX_PLAUSIBLE_HU = 5000.0
+_GEOMETRY_TOLERANCE = 1e-4
+
+
+def _suffix(path: Path) -> str:
+    name = path.name.lower()
+    for suffix in sorted(READ_SUFFIXES, key=len, reverse=True):
+        if name.endswith(suffix):
+            return suffix
+    return path.suffix.lower()
+
+
+def read_volume(path: str | os.PathLike) -> sitk.Image:
+    """Read a 3D volume from NIfTI, NRRD, MHA/MHD or a folder holding one DICOM series.
+
+    Args:
+        path: a file (``.nii``, ``.nii.gz``, ``.nrrd``, ``.nhdr``, ``.mha``, ``.mhd``) or a DICOM folder.
+
+    Returns:
+        The image with its spacing, origin and direction. DICOM slices are sorted by position and the
+        rescale slope/intercept applied (values in HU).
+
+    Raises:
+        UserInputError: the path does not exist, the format is unknown, or the file cannot be read.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise UserInputError(f"input not found: {path}")
+    if path.is_dir():
+        return _read_dicom_series(path)
+    if _suffix(path) not in READ_SUFFIXES:
+        raise UserInputError(
+            f"cannot read '{path.name}': unknown format; expected one of {', '.join(READ_SUFFIXES)} or a DICOM folder"
+        )
+    if _suffix(path) in (".nii", ".nii.gz"):
+        _check_nifti_header_spacing(path)
+    try:
+        return sitk.ReadImage(str(path))
+    except RuntimeError as error:
+        reason = str(error).strip().splitlines()[-1] if str(error).strip() else "unreadable"
+        raise UserInputError(f"cannot read '{path}': the file is damaged or not a volume ({reason})") from None
+
+
+def _check_nifti_header_spacing(path: Path) -> None:
+    """Refuse a NIfTI whose voxel sizes (pixdim) are zero or negative: ITK would silently replace them."""
+    import gzip
+    import struct
+
+    try:
+        opener = gzip.open if path.name.lower().endswith(".gz") else open
+        with opener(path, "rb") as handle:
+            header = handle.read(348)
+    except OSError as error:
+        raise UserInputError(f"cannot read '{path}': {error}") from None
+    if len(header) < 348:
+        raise UserInputError(f"cannot read '{path}': the file is too short to be a NIfTI volume")
+    for endian in "<>":
+        if struct.unpack(f"{endian}i", header[:4])[0] == 348:
+            dims = struct.unpack(f"{endian}8h", header[40:56])
+            pixdim = struct.unpack(f"{endian}8f", header[76:108])
+            used = pixdim[1 : 1 + min(max(dims[0], 0), 3)]
+            if any(not np.isfinite(p) or p <= 0 for p in used):
+                spacing = tuple(round(float(p), 6) for p in used)
+                raise UserInputError(f"'{path.name}' declares voxel spacing {spacing} mm; expected positive sizes")
+            return
+
+
+def _read_dicom_series(folder: Path) -> sitk.Image:
+    series_ids = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder))
+    if not series_ids:
+        raise UserInputError(f"no DICOM series found in folder {folder}")
+    if len(series_ids) > 1:
+        raise UserInputError(
+            f"folder {folder} holds {len(series_ids)} DICOM series; expected one (move each series to its own folder)"
+        )
+    files = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), series_ids[0])
+    reader = sitk.ImageSeriesReader()
+    reader.SetFileNames(files)
+    try:
+        return reader.Execute()
+    except RuntimeError as error:
+        raise UserInputError(f"cannot read the DICOM series in {folder}: {str(error).strip()[-200:]}") from None
+
+
+def write_volume(image: sitk.Image, path: str | os.PathLike, *, compress: bool = True) -> Path:
+    """Write an image atomically (to a temporary file in the same folder, then renamed).
+
+    A reader never sees a half-written file and an earlier file at ``path`` survives a failed write.
+
+    Args:
+        image: the volume to write.
+        path: destination ending in ``.nii.gz``, ``.nii``, ``.nrrd``, ``.seg.nrrd`` or ``.mha``.
+        compress: gzip the voxel data where the format allows it.
+
+    Returns:
+        The written path.
+    """
+    path = Path(path)
+    suffix = _suffix(path)
+    if suffix not in WRITE_SUFFIXES:
+        raise UserInputError(f"cannot write '{path.name}': expected a name ending in {', '.join(WRITE_SUFFIXES)}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".nrrd" if suffix == ".seg.nrrd" else suffix,
+                                         dir=path.parent)  # fmt: skip
+    os.close(handle)
+    try:
+        sitk.WriteImage(image, temporary, useCompression=compress)
+        os.replace(temporary, path)
+    finally:
+        if os.path.exists(temporary):
+            os.unlink(temporary)
+    return path
+
+
+def check_volume(image: sitk.Image, name: str = "volume") -> None:
+    """Refuse images the pipeline cannot handle: not 3D, not scalar, bad spacing, non-finite, empty or constant.
+
+    Raises:
+        UserInputError: with what was wrong and what was expected.
+    """
+    dimension = image.GetDimension()
+    if dimension != 3:
+        shape = "x".join(str(s) for s in image.GetSize())
+        raise UserInputError(f"{name} is {dimension}D ({shape}); expected a 3D volume")
+    if image.GetNumberOfComponentsPerPixel() != 1:
+        raise UserInputError(
+            f"{name} has {image.GetNumberOfComponentsPerPixel()} components per voxel; expected a scalar volume"
+        )
+    spacing = image.GetSpacing()
+    if any(not np.isfinite(s) or s <= 0 for s in spacing):
+        raise UserInputError(f"{name} has spacing {tuple(spacing)} mm; expected positive voxel sizes")
+    if min(image.GetSize()) < 2:
+        raise UserInputError(f"{name} has size {image.GetSize()}; expected at least 2 voxels along every axis")
+    array = sitk.GetArrayViewFromImage(image)
+    if array.dtype.kind == "f":
+        bad = int(np.count_nonzero(~np.isfinite(array)))
+        if bad:
+            raise UserInputError(f"{name} has {bad} NaN or infinite voxels; expected finite intensities")
+    low, high = float(array.min()), float(array.max())
+    if low == high:
+        raise UserInputError(f"{name} is constant (every voxel is {low:g}); expected an image with content")
+
+
+@dataclass(frozen=True)
+class CTCheck:
+    """Result of :func:`ct_likeness`: whether intensities look like CT in HU, and why."""
+
+    is_ct: bool
+    reason: str
+
+
+def ct_likeness(image: sitk.Image) -> CTCheck:
+    """Judge from intensities whether an image is CT in Hounsfield units.
+
+    CT holds air, lung or fat (at or below -100 HU) in any usual field of view, and no values beyond a few
+    thousand HU; MR and raw (un-rescaled) CT numbers are non-negative. BTCV-style copies clipped to
+    [-125, 275] HU still pass.
+    """
+    array = sitk.GetArrayViewFromImage(image)
+    step = max(1, int(round((array.size / 2_000_000) ** (1 / 3))))  # subsample big volumes for speed
+    sample = np.asarray(array[::step, ::step, ::step], dtype=np.float32)
+    low_fraction = float(np.mean(sample <= _CT_LOW_HU))
+    high = float(sample.max())
+    if high > _CT_MAX_PLAUSIBLE_HU:
+        return CTCheck(False, f"maximum intensity {high:g} is beyond the CT range (expected HU up to ~3000)")
+    if low_fraction < _CT_MIN_LOW_FRACTION:
+        lowest = float(sample.min())
+        return CTCheck(
+            False,
+            f"only {100 * low_fraction:.2f}% of voxels are at or below -100 (minimum {lowest:g}); CT in HU has air, "
+            "lung or fat there — this looks like MR or CT without rescale to HU",
+        )
+    return CTCheck(True, f"{100 * low_fraction:.1f}% of voxels at or below -100 HU, maximum {high:g} HU")
+
+
+def check_ct(image: sitk.Image, name: str = "CT") -> None:
+    """:func:`check_volume` plus :func:`ct_likeness`; raises :class:`UserInputError` for anything else."""
+    check_volume(image, name)
+    verdict = ct_likeness(image)
+    if not verdict.is_ct:
+        raise UserInputError(f"{name} does not look like CT: {verdict.reason}")
+
+
+def same_grid(a: sitk.Image, b: sitk.Image, tolerance: float = _GEOMETRY_TOLERANCE) -> bool:
+    """True when two images share size, spacing, origin and direction (within ``tolerance``)."""
+    return (
+        a.GetSize() == b.GetSize()
+        and np.allclose(a.GetSpacing(), b.GetSpacing(), atol=tolerance)
+        and np.allclose(a.GetOrigin(), b.GetOrigin(), atol=tolerance * max(1.0, max(map(abs, a.GetOrigin()))))
+        and np.allclose(a.GetDirection(), b.GetDirection(), atol=tolerance)
+    )
+
+
+def check_label_map(labels: sitk.Image, reference: sitk.Image, name: str = "label map") -> None:
+    """Refuse a label map that is not an integer 3D image on exactly the grid of its CT."""
+    check_volume_dimension = labels.GetDimension()
+    if check_volume_dimension != 3 or labels.GetNumberOfComponentsPerPixel() != 1:
+        raise UserInputError(f"{name} is not a scalar 3D image; expected integer labels on the CT grid")
+    array = sitk.GetArrayViewFromImage(labels)
+    if array.dtype.kind == "f" and not np.all(np.mod(array[::4, ::4, ::4], 1) == 0):
+        raise UserInputError(f"{name} holds fractional values; expected integer label ids")
+    if not same_grid(labels, reference):
+        raise UserInputError(
+            f"{name} grid differs from its CT: size {labels.GetSize()} vs {reference.GetSize()}, spacing "
+            f"{_fmt(labels.GetSpacing())} vs {_fmt(reference.GetSpacing())}, origin {_fmt(labels.GetOrigin())} vs "
+            f"{_fmt(reference.GetOrigin())}; expected the same voxel grid"
+        )
+
+
+def _fmt(values) -> str:
+    return "(" + ", ".join(f"{v:.4g}" for v in values) + ")"
+
+
+def volume_info(image: sitk.Image) -> dict:
+    """Geometry, intensity statistics and a CT check, as a JSON-ready dict."""
+    array = sitk.GetArrayViewFromImage(image)
+    sample = np.asarray(array, dtype=np.float32)
+    size = image.GetSize()
+    spacing = image.GetSpacing()
+    info: dict = {
+        "size": list(size),
+        "spacing_mm": [round(s, 6) for s in spacing],
+        "origin_mm": [round(o, 4) for o in image.GetOrigin()],
+        "direction": [round(d, 6) for d in image.GetDirection()],
+        "extent_mm": [round(n * s, 2) for n, s in zip(size, spacing, strict=False)],
+        "pixel_type": image.GetPixelIDTypeAsString(),
+        "components": image.GetNumberOfComponentsPerPixel(),
+    }
+    if image.GetDimension() == 3:
+        info["orientation"] = sitk.DICOMOrientImageFilter.GetOrientationFromDirectionCosines(image.GetDirection())
+    if sample.size and np.all(np.isfinite(sample)):
+        p1, p50, p99 = np.percentile(sample, [1, 50, 99])
+        info["intensity"] = {
+            "min": float(sample.min()), "max": float(sample.max()), "mean": round(float(sample.mean()), 3),
+            "std": round(float(sample.std()), 3), "p1": float(p1), "median": float(p50), "p99": float(p99),
+        }  # fmt: skip
+    try:
+        check_volume(image)
+        verdict = ct_likeness(image)
+        info["looks_like_ct"] = verdict.is_ct
+        info["ct_check"] = verdict.reason
+    except UserInputError as error:
+        info["looks_like_ct"] = False
+        info["ct_check"] = str(error)
+    return info

@@ -1,0 +1,30 @@
+"""Where the shipped resources (sample CT, default weights) live.
+
+They sit in the repository's ``Resources/`` folder, beside the library; ``DIFFUSIONSEG_RESOURCES`` overrides it
+(e.g. inside a Slicer extension build, where the layout differs).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from DiffusionSegLib.errors import UserInputError
+
+__all__ = ["resources_dir", "sample_ct_path", "SAMPLE_CT_NAME"]
+
+SAMPLE_CT_NAME = "totalseg_example_ct.nii.gz"
+
+
+def resources_dir() -> Path:
+    """The folder holding the shipped resources."""
+    override = os.environ.get("DIFFUSIONSEG_RESOURCES")
+    return Path(override) if override else Path(__file__).resolve().parents[1] / "Resources"
+
+
+def sample_ct_path() -> Path:
+    """The bundled sample CT (TotalSegmentator example, abdomen/pelvis at 3 mm, Apache-2.0)."""
+    path = resources_dir() / "SampleData" / SAMPLE_CT_NAME
+    if not path.is_file():
+        raise UserInputError(f"the bundled sample CT is missing: {path} (set DIFFUSIONSEG_RESOURCES to Resources/)")
+    return path

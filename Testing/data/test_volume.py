@@ -1,0 +1,71 @@
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+from helpers import data_path
+
+from DiffusionSegLib.data.volume import check_ct, check_label_map, ct_likeness, read_volume, same_grid, write_volume
+from DiffusionSegLib.errors import UserInputError
+
+
+def _oblique_image() -> sitk.Image:
+    rng = np.random.default_rng(0)
+    image = sitk.GetImageFromArray(rng.integers(-1000, 400, (7, 9, 11)).astype(np.int16))
+    angle = np.deg2rad(20)
+    rotation = np.array([[np.cos(angle), -np.sin(angle), 0], [np.sin(angle), np.cos(angle), 0], [0, 0, -1]])
+    image.SetDirection(rotation.ravel().tolist())
+    image.SetSpacing((0.7, 1.3, 2.9))
+    image.SetOrigin((-12.5, 40.25, 801.0))
+    return image
+
+
+def test_dicom_series_and_its_nifti_conversion_have_the_same_geometry(tmp_path):
+    dicom = read_volume(data_path("raw/totalseg_example_ct_dicom"))
+    assert dicom.GetSize() == (512, 512, 20)
+    nifti = read_volume(write_volume(dicom, tmp_path / "series.nii.gz"))
+    assert same_grid(dicom, nifti, tolerance=1e-5)
+    np.testing.assert_array_equal(sitk.GetArrayViewFromImage(dicom), sitk.GetArrayViewFromImage(nifti))
+    # The shared NIfTI made from the same series (resampled in-plane to 1.5 mm) covers the same place.
+    shared = read_volume(data_path("labeled/totalseg_dicom_ct.nii.gz"))
+    np.testing.assert_allclose(shared.GetOrigin(), dicom.GetOrigin(), atol=1e-3)
+    np.testing.assert_allclose(shared.GetDirection(), dicom.GetDirection(), atol=1e-6)
+    extent = np.multiply(dicom.GetSize(), dicom.GetSpacing())
+    np.testing.assert_allclose(np.multiply(shared.GetSize(), shared.GetSpacing()), extent, atol=1.0)
+
+
+@pytest.mark.parametrize("suffix", [".nii.gz", ".nii", ".nrrd", ".mha"])
+def test_write_read_keeps_geometry_and_voxels(tmp_path, suffix):
+    image = _oblique_image()
+    back = read_volume(write_volume(image, tmp_path / f"vol{suffix}"))
+    assert same_grid(image, back, tolerance=1e-5)
+    np.testing.assert_array_equal(sitk.GetArrayViewFromImage(image), sitk.GetArrayViewFromImage(back))
+
+
+def test_write_is_atomic_and_keeps_the_old_file_when_it_fails(tmp_path):
+    target = tmp_path / "out.nii.gz"
+    write_volume(_oblique_image(), target)
+    before = target.read_bytes()
+    with pytest.raises(Exception):
+        write_volume(sitk.Image(), target)  # an empty image cannot be written
+    assert target.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["out.nii.gz"]
+
+
+def test_real_ct_passes_and_mr_is_refused():
+    check_ct(read_volume(data_path("raw/totalseg_example_ct.nii.gz")))
+    check_ct(read_volume(data_path("btcv/btcv_0001_ct.nii.gz")))  # clipped to [-125, 275] HU: still CT
+    mr = read_volume(data_path("raw/totalseg_example_mr_sm.nii.gz"))
+    assert not ct_likeness(mr).is_ct
+    with pytest.raises(UserInputError, match="does not look like CT"):
+        check_ct(mr)
+
+
+def test_label_map_on_another_grid_is_refused():
+    ct = read_volume(data_path("labeled/ircadb1.01_ct.nii.gz"))
+    labels = read_volume(data_path("labeled/ircadb1.01_organs.nii.gz"))
+    check_label_map(labels, ct)
+    shifted = sitk.Image(labels)
+    shifted.SetOrigin(tuple(o + 3.0 for o in labels.GetOrigin()))
+    with pytest.raises(UserInputError, match="grid differs from its CT"):
+        check_label_map(shifted, ct)
