@@ -1,0 +1,155 @@
+"""Saving and loading trained artefacts together with their config.
+
+Two kinds of file:
+
+* **Weights** (``.safetensors``): tensors plus metadata holding the artefact ``kind`` (``"bpr"``, ``"backbone"``,
+  ``"probe"``), its full ``config`` as JSON, the library version and git commit. A file alone says how to rebuild
+  and use the model. This is what is shipped in ``Resources/`` and what users share.
+* **Training state** (``.pt``): everything needed to resume a run exactly (model, optimiser, LR schedule, RNG
+  states, step, config), written with ``torch.save``.
+
+Both are written atomically (temporary file in the same folder, then renamed), so an interrupted write never
+destroys the previous file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from DiffusionSegLib.errors import UserInputError
+
+__all__ = [
+    "atomic_write",
+    "save_weights",
+    "load_weights",
+    "save_training_state",
+    "load_training_state",
+    "library_version",
+    "git_commit",
+    "file_sha256",
+]
+
+
+def library_version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("diffusionseg")
+    except Exception:  # not installed (e.g. inside Slicer from the source tree)
+        return "0+unknown"
+
+
+def git_commit() -> str:
+    """The repository's current commit, or ``"unknown"`` outside a git checkout."""
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
+                             text=True, timeout=5, check=True)  # fmt: skip
+        return out.stdout.strip()
+    except Exception:
+        return "unknown"
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
+    """Call ``write(temporary_path)`` and move the result to ``path`` only once it is complete."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(handle)
+    try:
+        write(temporary)
+        os.replace(temporary, path)
+    finally:
+        if os.path.exists(temporary):
+            os.unlink(temporary)
+    return path
+
+
+def save_weights(path: str | os.PathLike, state_dict: dict, *, kind: str, config: dict,
+                 extra: dict[str, Any] | None = None) -> Path:  # fmt: skip
+    """Write weights and their config as safetensors.
+
+    Args:
+        path: destination, conventionally ``*.safetensors``.
+        state_dict: tensors to save (a module's ``state_dict()``); non-tensor entries are refused.
+        kind: artefact kind, checked when loading (``"bpr"``, ``"backbone"``, ``"probe"``).
+        config: JSON-serialisable config that rebuilds the model.
+        extra: further JSON-serialisable metadata (training steps, data, measured quality...).
+    """
+    from safetensors.torch import save_file
+
+    tensors = {name: tensor.detach().cpu().contiguous() for name, tensor in state_dict.items()}
+    metadata = {
+        "kind": kind,
+        "config": json.dumps(config),
+        "extra": json.dumps(extra or {}),
+        "version": library_version(),
+        "git_commit": git_commit(),
+    }
+    return atomic_write(path, lambda temporary: save_file(tensors, temporary, metadata=metadata))
+
+
+def load_weights(path: str | os.PathLike, kind: str | None = None) -> tuple[dict, dict, dict]:
+    """Read a weights file written by :func:`save_weights`.
+
+    Returns:
+        ``(state_dict, config, metadata)`` where ``metadata`` holds ``kind``, ``extra``, ``version``, ``git_commit``.
+
+    Raises:
+        UserInputError: the file is missing, not a DiffusionSeg weights file, or of another kind.
+    """
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if not path.is_file():
+        raise UserInputError(f"weights file not found: {path}")
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            raw = handle.metadata() or {}
+        state_dict = load_file(str(path))
+    except Exception as error:  # safetensors raises several types for damaged files
+        raise UserInputError(f"cannot read weights '{path}': {error}") from None
+    if "kind" not in raw or "config" not in raw:
+        raise UserInputError(f"'{path}' is not a DiffusionSeg weights file (no kind/config metadata)")
+    if kind is not None and raw["kind"] != kind:
+        raise UserInputError(f"'{path}' holds a {raw['kind']} model; expected a {kind} model")
+    metadata = {key: value for key, value in raw.items() if key != "config"}
+    metadata["extra"] = json.loads(raw.get("extra", "{}"))
+    return state_dict, json.loads(raw["config"]), metadata
+
+
+def save_training_state(path: str | os.PathLike, state: dict[str, Any]) -> Path:
+    """Write a resumable training snapshot atomically (``torch.save``)."""
+    import torch
+
+    payload = dict(state, version=library_version(), git_commit=git_commit())
+    return atomic_write(path, lambda temporary: torch.save(payload, temporary))
+
+
+def load_training_state(path: str | os.PathLike) -> dict[str, Any]:
+    """Read a snapshot written by :func:`save_training_state` (on the CPU)."""
+    import torch
+
+    path = Path(path)
+    if not path.is_file():
+        raise UserInputError(f"training checkpoint not found: {path}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as error:
+        raise UserInputError(f"cannot read training checkpoint '{path}': {error}") from None
