@@ -1,0 +1,174 @@
+"""Probe heads on a frozen feature pyramid (vox2vec's FPNLinearHead / FPNNonLinearHead, re-written).
+
+Both heads take the pyramid as a list of tensors, finest first (level ``l``: (B, C_l, D/2^l, H/2^l, W/2^l)),
+and return logits (B, num_classes, D, H, W) at the finest level's resolution.
+
+* :class:`LinearProbeHead`: a 1x1x1 conv per level, each upsampled to the finest level and summed. Because
+  convolution by 1x1x1 and upsampling are both linear and per-voxel / per-channel, this equals one linear map
+  on the concatenated full-resolution feature ``upsample_and_concat(pyramid)``.
+* :class:`NonLinearProbeHead`: a light top-down FPN decoder of 1x1x1 residual blocks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from DiffusionSegLib.nets.blocks import ResBlock3d, make_activation, make_norm
+
+__all__ = ["UPSAMPLE_MODES", "upsample_to", "upsample_and_concat", "LinearProbeHead", "NonLinearProbeHead"]
+
+UPSAMPLE_MODES = ("nearest", "trilinear")
+
+
+def upsample_to(x: torch.Tensor, size: Sequence[int], mode: str = "trilinear") -> torch.Tensor:
+    """Resize (B, C, d, h, w) to (B, C, *size); a no-op when the size already matches.
+
+    Args:
+        x: (B, C, d, h, w) feature map.
+        size: target (D, H, W).
+        mode: {"nearest", "trilinear"} (trilinear uses ``align_corners=False``). Default "trilinear".
+
+    Returns:
+        (B, C, D, H, W).
+    """
+    if mode not in UPSAMPLE_MODES:
+        raise ValueError(f"upsample mode {mode!r} is unknown; expected one of {list(UPSAMPLE_MODES)}")
+    size = tuple(int(s) for s in size)
+    if tuple(x.shape[2:]) == size:
+        return x
+    if mode == "nearest":
+        return nn.functional.interpolate(x, size=size, mode="nearest")
+    return nn.functional.interpolate(x, size=size, mode="trilinear", align_corners=False)
+
+
+def _check_pyramid(pyramid: Sequence[torch.Tensor], feature_channels: Sequence[int] | None = None) -> None:
+    if len(pyramid) == 0:
+        raise ValueError("the feature pyramid is empty")
+    if any(p.ndim != 5 for p in pyramid):
+        raise ValueError(f"pyramid levels must be (B, C, D, H, W); got shapes {[tuple(p.shape) for p in pyramid]}")
+    if feature_channels is not None and [p.shape[1] for p in pyramid] != list(feature_channels):
+        raise ValueError(
+            f"pyramid channels {[p.shape[1] for p in pyramid]} do not match the head's {list(feature_channels)}"
+        )
+
+
+def upsample_and_concat(
+    pyramid: Sequence[torch.Tensor], mode: str = "trilinear", size: Sequence[int] | None = None
+) -> torch.Tensor:
+    """The voxel feature: every pyramid level upsampled to one grid and concatenated along channels.
+
+    Args:
+        pyramid: levels finest first, (B, C_l, D/2^l, H/2^l, W/2^l).
+        mode: {"nearest", "trilinear"}. Default "trilinear".
+        size: target (D, H, W); default the finest level's size.
+
+    Returns:
+        (B, sum(C_l), D, H, W).
+    """
+    _check_pyramid(pyramid)
+    size = tuple(pyramid[0].shape[2:]) if size is None else tuple(size)
+    return torch.cat([upsample_to(level, size, mode) for level in pyramid], dim=1)
+
+
+class LinearProbeHead(nn.Module):
+    """Linear probe: ``sum_l upsample(conv1x1_l(pyramid[l]))``, a linear map on the concatenated feature.
+
+    Args:
+        feature_channels: channels per pyramid level, finest first (``UNet3d.feature_channels``).
+        num_classes: output channels (organs; background included or not, as the loss wants).
+        upsample: {"nearest", "trilinear"}. Default "trilinear".
+    """
+
+    def __init__(self, feature_channels: Sequence[int], num_classes: int, upsample: str = "trilinear") -> None:
+        super().__init__()
+        if num_classes < 1 or not feature_channels or min(feature_channels) < 1:
+            raise ValueError(f"invalid head: feature_channels={list(feature_channels)}, num_classes={num_classes}")
+        if upsample not in UPSAMPLE_MODES:
+            raise ValueError(f"upsample {upsample!r} is unknown; expected one of {list(UPSAMPLE_MODES)}")
+        self.feature_channels = [int(c) for c in feature_channels]
+        self.upsample = upsample
+        # one bias for the whole map (on the finest level): the sum of per-level biases would be redundant
+        self.convs = nn.ModuleList(
+            nn.Conv3d(c, num_classes, kernel_size=1, bias=(level == 0)) for level, c in enumerate(feature_channels)
+        )
+
+    def forward(self, pyramid: Sequence[torch.Tensor]) -> torch.Tensor:
+        """Logits from a pyramid.
+
+        Args:
+            pyramid: levels finest first, (B, C_l, D/2^l, H/2^l, W/2^l).
+
+        Returns:
+            (B, num_classes, D, H, W) logits at the finest level's resolution.
+        """
+        _check_pyramid(pyramid, self.feature_channels)
+        size = tuple(pyramid[0].shape[2:])
+        logits = self.convs[0](pyramid[0])
+        for conv, level in zip(self.convs[1:], pyramid[1:], strict=True):
+            logits = logits + upsample_to(conv(level), size, self.upsample)
+        return logits
+
+
+class NonLinearProbeHead(nn.Module):
+    """Non-linear probe: a top-down FPN decoder of 1x1x1 residual blocks.
+
+    Each level is projected to ``hidden`` channels by a 1x1x1 conv; from the coarsest level down, the running map
+    is upsampled, added to the next level's projection and passed through ``num_blocks`` 1x1x1 residual blocks;
+    a final ``norm -> act -> 1x1x1 conv`` gives the logits.
+
+    Args:
+        feature_channels: channels per pyramid level, finest first.
+        num_classes: output channels.
+        hidden: channels of the decoder. Default 64.
+        num_blocks: 1x1x1 residual blocks per level. Default 1.
+        norm: {"batch", "group", "instance", "none"}. Default "batch".
+        act: {"relu", "silu", "gelu"}. Default "relu".
+        upsample: {"nearest", "trilinear"}. Default "trilinear".
+    """
+
+    def __init__(
+        self,
+        feature_channels: Sequence[int],
+        num_classes: int,
+        hidden: int = 64,
+        *,
+        num_blocks: int = 1,
+        norm: str = "batch",
+        act: str = "relu",
+        upsample: str = "trilinear",
+    ) -> None:
+        super().__init__()
+        if num_classes < 1 or hidden < 1 or num_blocks < 0 or not feature_channels or min(feature_channels) < 1:
+            raise ValueError(
+                f"invalid head: feature_channels={list(feature_channels)}, num_classes={num_classes}, "
+                f"hidden={hidden}, num_blocks={num_blocks}"
+            )
+        if upsample not in UPSAMPLE_MODES:
+            raise ValueError(f"upsample {upsample!r} is unknown; expected one of {list(UPSAMPLE_MODES)}")
+        self.feature_channels = [int(c) for c in feature_channels]
+        self.upsample = upsample
+        self.project = nn.ModuleList(nn.Conv3d(c, hidden, kernel_size=1) for c in feature_channels)
+        self.blocks = nn.ModuleList(
+            nn.Sequential(*(ResBlock3d(hidden, hidden, kernel_size=1, norm=norm, act=act) for _ in range(num_blocks)))
+            for _ in feature_channels
+        )
+        self.out = nn.Sequential(make_norm(norm, hidden), make_activation(act), nn.Conv3d(hidden, num_classes, 1))
+
+    def forward(self, pyramid: Sequence[torch.Tensor]) -> torch.Tensor:
+        """Logits from a pyramid.
+
+        Args:
+            pyramid: levels finest first, (B, C_l, D/2^l, H/2^l, W/2^l).
+
+        Returns:
+            (B, num_classes, D, H, W) logits at the finest level's resolution.
+        """
+        _check_pyramid(pyramid, self.feature_channels)
+        h = self.blocks[-1](self.project[-1](pyramid[-1]))
+        for level in range(len(pyramid) - 2, -1, -1):
+            h = upsample_to(h, pyramid[level].shape[2:], self.upsample) + self.project[level](pyramid[level])
+            h = self.blocks[level](h)
+        return self.out(h)
