@@ -20,7 +20,12 @@ __all__ = ["main", "build_parser", "COMMANDS"]
 COMMANDS: dict[str, tuple[str, str]] = {
     "info": ("info", "show a volume's geometry, intensity statistics and whether it looks like CT"),
     "preprocess": ("preprocess", "put a CT on the working grid (orient, crop to body, resample) and write it"),
+    "pretrain": ("pretrain", "pretrain a backbone on unlabeled CT (diffusion + BPR, or a baseline)"),
     "demo": ("demo", "run the main job on the bundled sample CT with the shipped defaults"),
+    "bpr-train": ("bpr_train", "train a Body Part Regressor (anatomical coordinates) on unlabeled CT"),
+    "coords": ("coords", "write a CT's dense anatomical coordinates (3-component volume on the input grid)"),
+    "train-probe": ("train_probe", "train a few-shot organ probe on a frozen backbone from a few labeled CTs"),
+    "segment": ("segment", "segment organs in a CT with a trained probe (label map or Slicer .seg.nrrd)"),
 }
 
 
@@ -35,20 +40,26 @@ def build_parser() -> argparse.ArgumentParser:
         module = importlib.import_module(f"DiffusionSegLib.commands.{module_name}")
         sub = subparsers.add_parser(name, help=summary, description=(module.__doc__ or summary).strip())
         module.add_arguments(sub)
-        sub.set_defaults(_run=module.run)
+        sub.set_defaults(_run=module.run, _accepts_overrides=getattr(module, "ACCEPTS_OVERRIDES", False))
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit status (0 ok, 2 bad input or arguments)."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra and not getattr(args, "_accepts_overrides", False):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    args.overrides = [*getattr(args, "overrides", []), *extra]
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s")
     try:
         return int(args._run(args) or 0)
     except UserInputError as error:
         print(f"diffusionseg {args.command}: error: {error}", file=sys.stderr)
         return USER_ERROR_EXIT_CODE
+    except BrokenPipeError:  # output piped into a program that stopped reading (e.g. `| head`)
+        sys.stderr.close()
+        return 0
     except KeyboardInterrupt:
         print(f"diffusionseg {args.command}: interrupted", file=sys.stderr)
         return 130
