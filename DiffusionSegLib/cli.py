@@ -21,6 +21,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "info": ("info", "show a volume's geometry, intensity statistics and whether it looks like CT"),
     "preprocess": ("preprocess", "put a CT on the working grid (orient, crop to body, resample) and write it"),
     "pretrain": ("pretrain", "pretrain a backbone on unlabeled CT (diffusion + BPR, or a baseline)"),
+    "evaluate": ("evaluate", "compare pretraining methods and probes on labeled CT (k-fold or few-shot)"),
     "demo": ("demo", "run the main job on the bundled sample CT with the shipped defaults"),
     "bpr-train": ("bpr_train", "train a Body Part Regressor (anatomical coordinates) on unlabeled CT"),
     "coords": ("coords", "write a CT's dense anatomical coordinates (3-component volume on the input grid)"),
@@ -51,6 +52,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if extra and not getattr(args, "_accepts_overrides", False):
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     args.overrides = [*getattr(args, "overrides", []), *extra]
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s")
     try:
         return int(args._run(args) or 0)

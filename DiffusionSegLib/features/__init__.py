@@ -1,0 +1,33 @@
+"""Voxel features of a frozen backbone by sliding windows, with a fixed, position-bound noise field."""
+
+from __future__ import annotations
+
+from DiffusionSegLib.features.extractor import (
+    FeatureConfig,
+    FeatureExtractor,
+    PyramidPredictor,
+    VolumeInputs,
+    auto_sw_batch_size,
+    bpr_coordinates,
+    build_inputs,
+    extract_features,
+    noise_field,
+    resolve_device,
+    sliding_window_apply,
+    window_size,
+)
+
+__all__ = [
+    "FeatureConfig",
+    "FeatureExtractor",
+    "PyramidPredictor",
+    "VolumeInputs",
+    "auto_sw_batch_size",
+    "bpr_coordinates",
+    "build_inputs",
+    "extract_features",
+    "noise_field",
+    "resolve_device",
+    "sliding_window_apply",
+    "window_size",
+]

@@ -1,0 +1,36 @@
+"""Few-shot probes on frozen backbone features: training, files, and segmentation of whole CTs."""
+
+from __future__ import annotations
+
+from DiffusionSegLib.probe.config import HEADS, ProbeConfig
+from DiffusionSegLib.probe.io import check_backbone, load_probe, read_probe_config, save_probe
+from DiffusionSegLib.probe.segment import (
+    SegmentationCancelled,
+    SegmentationResult,
+    keep_largest_components,
+    segment,
+    write_segmentation,
+)
+from DiffusionSegLib.probe.segnrrd import read_seg_nrrd, write_seg_nrrd
+from DiffusionSegLib.probe.train import ProbeTrainingCancelled, TrainedProbe, backbone_record, build_head, fit_probe
+
+__all__ = [
+    "HEADS",
+    "ProbeConfig",
+    "ProbeTrainingCancelled",
+    "SegmentationCancelled",
+    "SegmentationResult",
+    "TrainedProbe",
+    "backbone_record",
+    "build_head",
+    "check_backbone",
+    "fit_probe",
+    "keep_largest_components",
+    "load_probe",
+    "read_probe_config",
+    "read_seg_nrrd",
+    "save_probe",
+    "segment",
+    "write_seg_nrrd",
+    "write_segmentation",
+]

@@ -1,0 +1,60 @@
+"""Segment a CT with a trained probe; the label map is written exactly on the input grid.
+
+``OUT.seg.nrrd`` gives a Slicer segmentation (named, coloured segments with terminology); ``OUT.nii.gz`` (or
+``.nrrd``/``.mha``) a plain label map. The backbone defaults to the one the probe recorded, when it still exists.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("volume", help="input CT: NIfTI / NRRD / MHA file or a DICOM series folder")
+    parser.add_argument("--probe", required=True, help="probe file from train-probe")
+    parser.add_argument("--backbone", help="backbone weights (default: the path the probe recorded)")
+    parser.add_argument("-o", "--output", required=True, help="output label map (.seg.nrrd, .nii.gz, .nrrd, .mha)")
+    parser.add_argument("--largest-component", action="store_true", help="keep each organ's largest component")
+    parser.add_argument("--uncertainty", help="also write an uncertainty map here (disagreement across noise draws "
+                        "with --draws > 1, else the normalised entropy)")  # fmt: skip
+    parser.add_argument("--draws", type=int, help="noise draws to average (default: the probe's)")
+    parser.add_argument("--overlap", type=float, help="sliding-window overlap in [0, 1) (default: the probe's)")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), help="default: the probe's (GPU if present)")
+    parser.add_argument("--bpr", help="BPR weights for a backbone with coordinates (default: the recorded one)")
+
+
+def run(args: argparse.Namespace) -> int:
+    from DiffusionSegLib.data.volume import read_volume
+    from DiffusionSegLib.errors import UserInputError
+    from DiffusionSegLib.pretrain.export import load_backbone
+    from DiffusionSegLib.probe import load_probe, read_probe_config, segment, write_segmentation
+
+    if not args.output.lower().endswith((".seg.nrrd", ".nii.gz", ".nii", ".nrrd", ".mha")):
+        raise UserInputError(f"cannot write '{args.output}': expected .seg.nrrd, .nii.gz, .nii, .nrrd or .mha")
+    if args.overlap is not None and not 0 <= args.overlap < 1:
+        raise UserInputError(f"--overlap {args.overlap} is invalid; expected a value in [0, 1)")
+    if args.draws is not None and args.draws < 1:
+        raise UserInputError(f"--draws {args.draws} is invalid; expected at least 1")
+    backbone_path = args.backbone
+    if backbone_path is None:
+        recorded = read_probe_config(args.probe)["backbone"].get("path")
+        if not recorded or not Path(recorded).is_file():
+            raise UserInputError(f"the probe's backbone '{recorded}' is not found; pass it with --backbone")
+        backbone_path = recorded
+    backbone = load_backbone(backbone_path)
+    probe = load_probe(args.probe, backbone)
+    image = read_volume(args.volume)
+    result = segment(image, probe, backbone, largest_component=args.largest_component,
+                     uncertainty=bool(args.uncertainty), num_noise_draws=args.draws, overlap=args.overlap,
+                     device=args.device, bpr=args.bpr)  # fmt: skip
+    path = write_segmentation(result, args.output)
+    log.info("wrote %s: %s in %.1f s", path, ", ".join(o.name for o in result.organs), result.seconds["total"])
+    if args.uncertainty:
+        from DiffusionSegLib.data.volume import write_volume
+
+        log.info("wrote %s (%s)", write_volume(result.uncertainty, args.uncertainty), result.uncertainty_kind)
+    return 0

@@ -1,0 +1,144 @@
+"""Train a few-shot probe (linear or non-linear head) on a frozen backbone from a few labeled CTs.
+
+Cases come from a dataset folder (``--data``: paired ``<case>_ct`` / ``<case>_labels`` files with a legend, or an
+MSD ``dataset.json``) or from explicit ``--case CT LABELS`` pairs. Organs are picked by name with ``--organs
+liver,spleen`` (ids from the legend) or as ``--organs liver=6,spleen=1``; ``--labels-legend`` gives the legend for
+``--case`` pairs. The probe file records the backbone's hash, the label names and colours, t and the noise seed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import time
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--backbone", required=True, help="backbone weights (.safetensors from pretraining)")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--data", help="dataset folder with labeled cases")
+    source.add_argument("--case", nargs=2, action="append", metavar=("CT", "LABELS"), help="a CT and its label map "
+                        "(repeat for more cases)")  # fmt: skip
+    parser.add_argument("--labels-legend", help="legend JSON (id -> organ name) for the label maps")
+    parser.add_argument("--label-kind", help="with --data: label files of this kind (e.g. organs)")
+    parser.add_argument("--organs", help="organs to learn: 'liver,spleen' (ids from the legend) or 'liver=6,spleen=1'; "
+                        "default: every organ of the legend")  # fmt: skip
+    parser.add_argument("--max-cases", type=int, default=0, help="with --data: use the first N cases (0: all)")
+    parser.add_argument("-o", "--output", required=True, help="probe file to write (.safetensors)")
+    parser.add_argument("--head", choices=("linear", "nonlinear"), default="nonlinear", help="probe head (default "
+                        "nonlinear)")  # fmt: skip
+    parser.add_argument("--timestep", type=int, default=0, help="diffusion step t of the features (default 0)")
+    parser.add_argument("--noise-seed", type=int, default=0, help="seed of the fixed noise field (default 0)")
+    parser.add_argument("--draws", type=int, default=1, help="noise draws (ensemble at inference; default 1)")
+    parser.add_argument("--steps", type=int, default=300, help="training steps (default 300)")
+    parser.add_argument("--patch", type=int, nargs=3, metavar=("D", "H", "W"), help="training patch in working "
+                        "voxels (default 32 64 64)")  # fmt: skip
+    parser.add_argument("--patches-per-volume", type=int, default=24, help="cached patches per case (default 24)")
+    parser.add_argument("--lr", type=float, default=1e-2, help="learning rate (default 1e-2)")
+    parser.add_argument("--seed", type=int, default=0, help="sampling / initialisation seed (default 0)")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="default: GPU if present")
+    parser.add_argument("--bpr", help="BPR weights for a backbone with coordinates (default: the recorded one)")
+
+
+def _parse_organs(text: str | None) -> list[tuple[str, int | None]] | None:
+    from DiffusionSegLib.data.labels import canonical_organ_name
+    from DiffusionSegLib.errors import UserInputError
+
+    if not text:
+        return None
+    organs = []
+    for item in (t.strip() for t in text.split(",") if t.strip()):
+        name, _, value = item.partition("=")
+        if value and not value.strip().isdigit():
+            raise UserInputError(f"--organs entry {item!r}: the id after '=' must be a positive integer")
+        organs.append((canonical_organ_name(name), int(value) if value else None))
+    return organs
+
+
+def _select(legend, organs):
+    """The probe's label list: legend entries named in ``organs`` (or explicit ids), in the given order."""
+    from DiffusionSegLib.data.labels import organ_label
+    from DiffusionSegLib.errors import UserInputError
+
+    if organs is None:
+        if not legend:
+            raise UserInputError("no legend to take the organs from; pass --labels-legend or --organs name=id,...")
+        return list(legend)
+    by_name = {label.name: label for label in legend or []}
+    selected = []
+    for name, value in organs:
+        if value is not None:
+            selected.append(organ_label(value, name))
+        elif name in by_name:
+            selected.append(by_name[name])
+        else:
+            known = ", ".join(sorted(by_name)) or "none (no legend)"
+            raise UserInputError(f"organ '{name}' is not in the legend (known: {known}); use name=id to give its id")
+    return selected
+
+
+def _remap(label_image, case_legend, probe_labels):
+    """Rewrite a case's label ids to the probe's ids where its legend numbers the same organs differently."""
+    import SimpleITK as sitk
+
+    if not case_legend:
+        return label_image
+    by_name = {label.name: label.value for label in case_legend}
+    moves = {by_name[p.name]: p.value for p in probe_labels if p.name in by_name and by_name[p.name] != p.value}
+    if not moves:
+        return label_image
+    array = sitk.GetArrayFromImage(label_image).astype(np.int32)
+    out = np.zeros_like(array)
+    keep = {p.value for p in probe_labels} - set(moves.values())
+    for value in keep:
+        out[array == value] = value
+    for old, new in moves.items():
+        out[array == old] = new
+    image = sitk.GetImageFromArray(out)
+    image.CopyInformation(label_image)
+    return image
+
+
+def run(args: argparse.Namespace) -> int:
+    from DiffusionSegLib.data.datasets import find_labeled_cases
+    from DiffusionSegLib.data.labels import read_legend
+    from DiffusionSegLib.data.volume import read_volume
+    from DiffusionSegLib.errors import UserInputError
+    from DiffusionSegLib.pretrain.export import load_backbone
+    from DiffusionSegLib.probe import ProbeConfig, fit_probe, save_probe
+
+    organs = _parse_organs(args.organs)
+    legend = read_legend(args.labels_legend) if args.labels_legend else None
+    if args.data:
+        found = find_labeled_cases(args.data, args.label_kind)
+        if args.max_cases:
+            found = found[: args.max_cases]
+        if not found:
+            raise UserInputError(f"no labeled cases found in {args.data}")
+        pairs = [(c.image, c.label, list(c.labels)) for c in found]
+        legend = legend or pairs[0][2]
+    else:
+        pairs = [(ct, labels, legend) for ct, labels in args.case]
+    labels = _select(legend, organs)
+    options = {"head": args.head, "timestep": args.timestep, "noise_seed": args.noise_seed,
+               "num_noise_draws": args.draws, "steps": args.steps, "patches_per_volume": args.patches_per_volume,
+               "lr": args.lr, "seed": args.seed, "device": args.device}  # fmt: skip
+    if args.patch:
+        options["patch_size_vox"] = tuple(args.patch)
+    try:
+        cfg = ProbeConfig(**options)
+    except ValueError as error:
+        raise UserInputError(str(error)) from None
+    backbone = load_backbone(args.backbone)
+    cases = [(read_volume(ct), _remap(read_volume(seg), case_legend, labels)) for ct, seg, case_legend in pairs]
+    log.info("training a %s probe for %s on %d case(s)", cfg.head, ", ".join(l.name for l in labels), len(cases))
+    start = time.perf_counter()
+    probe = fit_probe(cases, labels, backbone, cfg, bpr=args.bpr)
+    path = save_probe(args.output, probe)
+    log.info("wrote %s (best validation loss %.4f at step %d, %.0f s)", path, probe.best_val_loss, probe.best_step,
+             time.perf_counter() - start)  # fmt: skip
+    return 0

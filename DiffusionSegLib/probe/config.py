@@ -1,0 +1,90 @@
+"""Configuration of a few-shot probe: the head, the frozen features it reads, and how it is trained."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from DiffusionSegLib.config import config_from_dict, config_to_dict
+from DiffusionSegLib.features import FeatureConfig
+
+__all__ = ["ProbeConfig", "HEADS"]
+
+HEADS = ("linear", "nonlinear")
+
+
+@dataclass
+class ProbeConfig:
+    """Everything that defines a probe (saved with its weights)."""
+
+    head: Literal["linear", "nonlinear"] = "nonlinear"
+    """Head on the frozen pyramid: a linear map (1x1x1 conv per level) or a light non-linear FPN decoder."""
+    hidden_channels: int = 64
+    """Width of the non-linear head."""
+    timestep: int = 0
+    """Diffusion step t at which the CT is noised before the backbone (see ``FeatureConfig.timestep``)."""
+    noise_seed: int = 0
+    """Seed of the whole-volume noise field (fixed: the same CT always gives the same features)."""
+    num_noise_draws: int = 1
+    """Noise fields: training patches cycle through them, inference averages over them (>1: uncertainty)."""
+    patch_size_vox: tuple[int, int, int] = (32, 64, 64)
+    """Training patch (D, H, W) in working voxels; multiples of the backbone's size divisor."""
+    patches_per_volume: int = 24
+    """Patches cut from each labeled volume into the feature cache (class-balanced, nnU-Net style)."""
+    val_fraction: float = 0.2
+    """Share of cached patches held out for early stopping when no whole volume is held out."""
+    val_volumes: int = 0
+    """Labeled volumes held out for early stopping instead (used only when more volumes remain to train on)."""
+    steps: int = 300
+    """Optimiser steps on the cached features."""
+    batch_size: int = 2
+    """Patches per step."""
+    lr: float = 1e-2
+    """AdamW learning rate (the heads are small and the features frozen: a high rate converges in ~100 steps)."""
+    weight_decay: float = 1e-4
+    """AdamW weight decay."""
+    val_every: int = 25
+    """Steps between validations; the best head so far is kept."""
+    patience: int = 0
+    """Stop after this many validations without improvement (0: never stop early)."""
+    seed: int = 0
+    """Seed of patch sampling, head initialisation and batch order."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """Where the backbone and head run."""
+    window_vox: tuple[int, int, int] | None = None
+    """Sliding-window size at inference; None: the backbone's pretraining patch size."""
+    overlap: float = 0.25
+    """Sliding-window overlap at inference."""
+
+    def __post_init__(self) -> None:
+        if self.head not in HEADS:
+            raise ValueError(f"head {self.head!r} is unknown; expected one of {list(HEADS)}")
+        self.patch_size_vox = tuple(int(s) for s in self.patch_size_vox)  # type: ignore[assignment]
+        if len(self.patch_size_vox) != 3 or min(self.patch_size_vox) < 1:
+            raise ValueError(f"patch_size_vox {self.patch_size_vox} is invalid; expected three positive sizes")
+        for name in ("hidden_channels", "num_noise_draws", "patches_per_volume", "batch_size", "val_every"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"{name} {getattr(self, name)} must be a positive integer")
+        if self.steps < 0 or self.patience < 0 or self.val_volumes < 0 or self.timestep < 0:
+            raise ValueError(f"steps {self.steps}, patience {self.patience}, val_volumes {self.val_volumes} and "
+                             f"timestep {self.timestep} must not be negative")  # fmt: skip
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise ValueError(f"val_fraction {self.val_fraction} is outside [0, 1)")
+        if self.lr <= 0:
+            raise ValueError(f"lr {self.lr} must be positive")
+        self.feature_config()  # checks window and overlap
+
+    def feature_config(self, **overrides: object) -> FeatureConfig:
+        """The :class:`FeatureConfig` of this probe (timestep, noise, window), with optional overrides."""
+        options: dict = {"timestep": self.timestep, "noise_seed": self.noise_seed,
+                         "num_noise_draws": self.num_noise_draws, "window_vox": self.window_vox,
+                         "overlap": self.overlap, "device": self.device}  # fmt: skip
+        options.update(overrides)
+        return FeatureConfig(**options)
+
+    def to_dict(self) -> dict:
+        return config_to_dict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> ProbeConfig:
+        return config_from_dict(cls, data)

@@ -1,0 +1,94 @@
+"""Probe files: the head's weights (safetensors, kind ``"probe"``) with everything needed to use it.
+
+The config holds the :class:`ProbeConfig` (head type, timestep, noise seed, draws, window), the label list
+(names, colours, terminology) and the backbone record (sha256, HU window, spacing, BPR switch and hash). A
+probe only makes sense on the features of the backbone it was trained on, so loading it with another backbone
+is refused.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from DiffusionSegLib.checkpoint import load_weights, save_weights
+from DiffusionSegLib.data.labels import labels_from_json, labels_to_json
+from DiffusionSegLib.errors import UserInputError
+from DiffusionSegLib.probe.config import ProbeConfig
+from DiffusionSegLib.probe.train import TrainedProbe, build_head
+
+__all__ = ["save_probe", "load_probe", "read_probe_config", "check_backbone"]
+
+PROBE_FORMAT = 1
+
+
+def save_probe(path: str | os.PathLike, probe: TrainedProbe) -> Path:
+    """Write a probe (atomic).
+
+    Args:
+        path: destination, conventionally ``*.safetensors``.
+        probe: the trained probe.
+
+    Returns:
+        The written path.
+    """
+    config = {
+        "format": PROBE_FORMAT,
+        "probe": probe.config.to_dict(),
+        "labels": labels_to_json(probe.labels),
+        "num_classes": probe.num_classes,
+        "backbone": probe.backbone,
+    }
+    extra = {"history": probe.history[-50:], "best_step": probe.best_step, "best_val_loss": probe.best_val_loss,
+             "cancelled": probe.cancelled}  # fmt: skip
+    return save_weights(path, probe.head.state_dict(), kind="probe", config=config, extra=extra)
+
+
+def read_probe_config(path: str | os.PathLike) -> dict:
+    """The config dict of a probe file (``probe``, ``labels``, ``backbone``...), without building the head."""
+    _, config, _ = load_weights(path, kind="probe")
+    return config
+
+
+def check_backbone(record: dict, backbone, source: str = "the probe") -> None:
+    """Refuse a backbone other than the one recorded (compared by the sha256 of its weights file).
+
+    Raises:
+        UserInputError: the hashes differ.
+    """
+    if record.get("sha256") != backbone.sha256:
+        raise UserInputError(
+            f"{source} was trained on backbone {str(record.get('sha256'))[:12]}… ({Path(str(record.get('path'))).name}"
+            f"), not on '{Path(backbone.path).name}' ({backbone.sha256[:12]}…); its features differ — use the "
+            "backbone it was trained on or train a new probe"
+        )
+
+
+def load_probe(path: str | os.PathLike, backbone=None) -> TrainedProbe:
+    """Rebuild a probe from its file.
+
+    Args:
+        path: a file written by :func:`save_probe`.
+        backbone: the backbone it will run on; checked against the recorded sha256 when given.
+
+    Returns:
+        The :class:`TrainedProbe` with its head in eval mode on the CPU.
+
+    Raises:
+        UserInputError: not a probe file, damaged, or trained on another backbone.
+    """
+    state, config, metadata = load_weights(path, kind="probe")
+    try:
+        cfg = ProbeConfig.from_dict(config["probe"])
+        labels = labels_from_json(config["labels"])
+        record = dict(config["backbone"])
+        head = build_head(cfg.head, record["feature_channels"], int(config["num_classes"]), cfg.hidden_channels)
+        head.load_state_dict(state)
+    except (KeyError, TypeError, ValueError, RuntimeError) as error:
+        raise UserInputError(f"'{path}' does not hold a usable probe: {str(error).splitlines()[0][:200]}") from None
+    if backbone is not None:
+        check_backbone(record, backbone, f"probe '{Path(path).name}'")
+    extra = metadata.get("extra", {})
+    return TrainedProbe(head.eval(), cfg, labels, record, list(extra.get("history", [])),
+                        int(extra.get("best_step", 0)), float(extra.get("best_val_loss", float("nan"))),
+                        bool(extra.get("cancelled", False)))  # fmt: skip

@@ -1,0 +1,227 @@
+"""Segmenting a CT with a trained probe: working grid → sliding-window probe → input grid.
+
+prepare (orient, crop, resample) → BPR coordinates (if the backbone uses them) → sliding-window probe logits on
+the working grid (the head runs inside the window, features are never held for the whole volume) → softmax →
+class probabilities resampled onto the **exact input grid** one class at a time with a running argmax (memory:
+one float volume of the input grid, not one per class) → optional largest-connected-component clean-up per
+organ → optional uncertainty map.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+
+from DiffusionSegLib.data.labels import OrganLabel
+from DiffusionSegLib.errors import UserInputError
+from DiffusionSegLib.probe.train import TrainedProbe
+
+__all__ = ["SegmentationResult", "SegmentationCancelled", "segment", "write_segmentation", "keep_largest_components"]
+
+log = logging.getLogger(__name__)
+
+
+class SegmentationCancelled(RuntimeError):
+    """``should_stop()`` returned True during segmentation."""
+
+
+@dataclass
+class SegmentationResult:
+    """A label map on the input grid with its legend.
+
+    Attributes:
+        labels: integer label map (uint8, or uint16 for ids above 255) with exactly the input's size,
+            spacing, origin and direction; voxel values are ``organs[i].value``, 0 is background.
+        organs: the segments (names, colours, terminology).
+        uncertainty: float32 map on the input grid, or None: with several noise draws the fraction of draws
+            disagreeing with the ensemble ("disagreement"), else the normalised entropy of the class
+            probabilities in [0, 1] ("entropy").
+        uncertainty_kind: "disagreement", "entropy" or None.
+        seconds: wall time per stage (prepare, features, to_input_grid, cleanup, total).
+        working_size: (x, y, z) size of the working grid.
+    """
+
+    labels: sitk.Image
+    organs: list[OrganLabel]
+    uncertainty: sitk.Image | None = None
+    uncertainty_kind: str | None = None
+    seconds: dict = field(default_factory=dict)
+    working_size: tuple[int, int, int] = (0, 0, 0)
+
+
+def _count_windows(shape, roi, overlap: float) -> int:
+    total = 1
+    for size, r in zip(shape, roi, strict=True):
+        interval = max(int(r * (1 - overlap)), 1)
+        total *= 1 if size <= r else int(math.ceil((size - r) / interval)) + 1
+    return total
+
+
+class _Watched:
+    """Wrap a predictor to report progress and honour a cancel hook per window batch."""
+
+    def __init__(self, predictor, total: int, report: Callable[[float, str], None], stop: Callable[[], bool]):
+        self.predictor, self.total, self.report, self.stop, self.done = predictor, max(total, 1), report, stop, 0
+        self.extractor = predictor.extractor
+
+    def __call__(self, window: torch.Tensor):
+        if self.stop():
+            raise SegmentationCancelled("segmentation cancelled")
+        out = self.predictor(window)
+        self.done += window.shape[0]
+        self.report(0.1 + 0.7 * min(self.done / self.total, 1.0), f"window {min(self.done, self.total)}/{self.total}")
+        return out
+
+
+def keep_largest_components(labels: np.ndarray, values: list[int]) -> np.ndarray:
+    """Keep each organ's largest 26-connected component; other voxels of that organ become background.
+
+    Args:
+        labels: (z, y, x) integer label map (modified in place and returned).
+        values: organ ids to clean.
+    """
+    for value in values:
+        mask = labels == value
+        if not mask.any():
+            continue
+        components = sitk.ConnectedComponent(sitk.GetImageFromArray(mask.astype(np.uint8)), True)
+        largest = sitk.GetArrayViewFromImage(sitk.RelabelComponent(components, sortByObjectSize=True)) == 1
+        labels[mask & ~largest] = 0
+    return labels
+
+
+def _to_input(array: np.ndarray, prepared, default: float) -> np.ndarray:
+    from DiffusionSegLib.preprocess import to_input_grid
+
+    image = sitk.GetImageFromArray(np.ascontiguousarray(array, dtype=np.float32))
+    image.CopyInformation(prepared.image)
+    return sitk.GetArrayFromImage(to_input_grid(image, prepared, "linear", default))
+
+
+def segment(image: sitk.Image, probe: TrainedProbe, backbone, *, largest_component: bool = False,
+            uncertainty: bool = False, num_noise_draws: int | None = None, window_vox=None,
+            overlap: float | None = None, device: str | None = None, bpr=None, progress: bool = False,
+            progress_callback: Callable[[float, str], None] | None = None,
+            should_stop: Callable[[], bool] | None = None) -> SegmentationResult:  # fmt: skip
+    """Segment the probe's organs in a CT.
+
+    Args:
+        image: CT in HU, any orientation and spacing.
+        probe: a trained or loaded probe.
+        backbone: the backbone it was trained on (checked by sha256).
+        largest_component: keep only each organ's largest connected component.
+        uncertainty: also compute an uncertainty map (see :class:`SegmentationResult`).
+        num_noise_draws, window_vox, overlap, device: override the probe's inference settings.
+        bpr: BPR for a backbone that uses coordinates (module, path or None for the recorded default).
+        progress: show MONAI's sliding-window progress bar.
+        progress_callback: called as ``(fraction, message)``.
+        should_stop: polled per window batch; True raises :class:`SegmentationCancelled`.
+
+    Returns:
+        A :class:`SegmentationResult` on the exact input grid.
+
+    Raises:
+        UserInputError: the image is not a usable CT, or the probe belongs to another backbone.
+
+    Example::
+
+        result = segment(read_volume("ct.nii.gz"), load_probe("liver.safetensors", bb), bb, largest_component=True)
+        write_segmentation(result, "liver.seg.nrrd")
+    """
+    from DiffusionSegLib.features import FeatureExtractor, PyramidPredictor, build_inputs, resolve_device
+    from DiffusionSegLib.features import sliding_window_apply, window_size
+    from DiffusionSegLib.preprocess import prepare_volume
+    from DiffusionSegLib.probe.io import check_backbone
+
+    check_backbone(probe.backbone, backbone)
+    report = progress_callback or (lambda fraction, message: None)
+    overrides = {k: v for k, v in {"num_noise_draws": num_noise_draws, "window_vox": window_vox, "overlap": overlap,
+                                   "device": device}.items() if v is not None}  # fmt: skip
+    cfg = probe.config.feature_config(**overrides)
+    compute = resolve_device(cfg.device)
+    seconds: dict[str, float] = {}
+    start = clock = time.perf_counter()
+
+    report(0.0, "preparing the volume")
+    prepared = prepare_volume(image, backbone.pretrain.preprocess)
+    inputs = build_inputs(prepared.image, backbone, cfg, bpr=bpr, device=compute)
+    seconds["prepare"], clock = time.perf_counter() - clock, time.perf_counter()
+
+    extractor = FeatureExtractor(backbone, cfg, inputs.num_coords).to(compute)
+    head = probe.head.to(compute).eval()
+    disagreement = uncertainty and extractor.num_draws > 1
+    predictor = PyramidPredictor(extractor, head, disagreement=disagreement)
+    total = _count_windows(inputs.shape, window_size(backbone, cfg), cfg.overlap)
+    watched = _Watched(predictor, total, report, should_stop or (lambda: False))
+    with torch.no_grad():
+        output = sliding_window_apply(inputs, watched, backbone, cfg, out_channels=probe.num_classes, progress=progress)
+    del inputs
+    logits, votes = (output if disagreement else (output, None))
+    probabilities = torch.softmax(logits[0].float(), dim=0).numpy()
+    del logits, output
+    seconds["features"], clock = time.perf_counter() - clock, time.perf_counter()
+
+    report(0.8, "resampling to the input grid")
+    best = classes = None
+    for c in range(probabilities.shape[0]):  # running argmax: one input-grid float volume at a time
+        on_input = _to_input(probabilities[c], prepared, 1.0 if c == 0 else 0.0)
+        if best is None:
+            best, classes = on_input, np.zeros(on_input.shape, np.uint8)
+        else:
+            better = on_input > best
+            best[better] = on_input[better]
+            classes[better] = c
+    del best
+    uncertainty_image, kind = None, None
+    if uncertainty:
+        if votes is not None:
+            working_map, kind = votes[0, 0].numpy(), "disagreement"
+        else:
+            p = np.clip(probabilities, 1e-8, 1.0)
+            working_map, kind = -(p * np.log(p)).sum(0) / math.log(p.shape[0]), "entropy"
+        uncertainty_image = sitk.GetImageFromArray(_to_input(working_map, prepared, 0.0).astype(np.float32))
+        uncertainty_image.CopyInformation(image)
+    del probabilities
+    values = [0] + [organ.value for organ in probe.labels]
+    dtype = np.uint8 if max(values) < 256 else np.uint16
+    label_array = np.asarray(values, dtype=dtype)[classes]
+    seconds["to_input_grid"], clock = time.perf_counter() - clock, time.perf_counter()
+
+    if largest_component:
+        report(0.9, "keeping the largest component of each organ")
+        keep_largest_components(label_array, values[1:])
+    seconds["cleanup"] = time.perf_counter() - clock
+    labels = sitk.GetImageFromArray(label_array)
+    labels.CopyInformation(image)
+    seconds["total"] = time.perf_counter() - start
+    report(1.0, "done")
+    log.info("segmented %s voxels (working grid %s) in %.1f s", "x".join(map(str, image.GetSize())),
+             "x".join(map(str, prepared.image.GetSize())), seconds["total"])  # fmt: skip
+    return SegmentationResult(labels, list(probe.labels), uncertainty_image, kind, seconds,
+                              tuple(prepared.image.GetSize()))  # fmt: skip
+
+
+def write_segmentation(result: SegmentationResult, path: str | os.PathLike) -> Path:
+    """Write the label map: ``.seg.nrrd`` with Slicer segment metadata, or any volume format (NIfTI, NRRD, MHA).
+
+    Raises:
+        UserInputError: unknown output format.
+    """
+    from DiffusionSegLib.data.volume import write_volume
+    from DiffusionSegLib.probe.segnrrd import write_seg_nrrd
+
+    path = Path(path)
+    if path.name.lower().endswith(".seg.nrrd"):
+        return write_seg_nrrd(result.labels, result.organs, path)
+    if not path.name.lower().endswith((".nii.gz", ".nii", ".nrrd", ".mha")):
+        raise UserInputError(f"cannot write '{path.name}': expected .nii.gz, .nii, .nrrd, .mha or .seg.nrrd")
+    return write_volume(result.labels, path)

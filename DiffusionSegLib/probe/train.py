@@ -1,0 +1,264 @@
+"""Training a probe head on frozen features from a few labeled volumes.
+
+1. Each CT is prepared on the backbone's working grid, its labels resampled onto it, and the whole-volume
+   inputs (scaled image, BPR coordinates, fixed noise fields) built once.
+2. A pool of class-balanced patches is cut and the frozen backbone's pyramid of each is cached (float16, CPU):
+   about ``sum_l C_l / 8^l`` (21 for base 16) numbers per voxel, so a pool of dozens of patches is small.
+3. The head is trained on the cache with Dice + cross-entropy (``monai.losses.DiceCELoss``); held-out
+   patches (or a held-out volume) measure a validation loss and the best head is kept.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+from torch import nn
+
+from DiffusionSegLib.data.labels import OrganLabel
+from DiffusionSegLib.errors import UserInputError
+from DiffusionSegLib.probe.config import ProbeConfig
+
+__all__ = ["TrainedProbe", "ProbeTrainingCancelled", "fit_probe", "build_head", "backbone_record"]
+
+log = logging.getLogger(__name__)
+
+ProgressCallback = Callable[[float, str], None]
+
+
+class ProbeTrainingCancelled(RuntimeError):
+    """``should_stop()`` returned True before the head had been trained at all."""
+
+
+@dataclass
+class TrainedProbe:
+    """A probe head with what is needed to use it.
+
+    Attributes:
+        head: the head module (eval mode), mapping the pyramid to ``len(labels) + 1`` logits.
+        config: the :class:`ProbeConfig` it was trained with.
+        labels: organs in class order (class ``i + 1`` is ``labels[i]``; class 0 is background).
+        backbone: :func:`backbone_record` of the backbone it reads (sha256, window, spacing, BPR...).
+        history: one dict per validation (step, train_loss, val_loss).
+        best_step: step of the kept head.
+        best_val_loss: its validation loss.
+        cancelled: training was stopped by ``should_stop()``; the best head so far was kept.
+    """
+
+    head: nn.Module
+    config: ProbeConfig
+    labels: list[OrganLabel]
+    backbone: dict
+    history: list[dict] = field(default_factory=list)
+    best_step: int = 0
+    best_val_loss: float = float("nan")
+    cancelled: bool = False
+
+    @property
+    def num_classes(self) -> int:
+        """Classes including background."""
+        return len(self.labels) + 1
+
+    @property
+    def backbone_sha256(self) -> str:
+        return str(self.backbone["sha256"])
+
+
+def backbone_record(backbone) -> dict:
+    """What a probe records about its backbone: hash, path and the settings that shape its features."""
+    pretrain = backbone.pretrain
+    return {
+        "sha256": backbone.sha256, "path": str(backbone.path), "method": pretrain.method,
+        "use_bpr": bool(pretrain.use_bpr), "bpr_sha256": backbone.bpr_sha256,
+        "window_hu": list(pretrain.data.window_hu), "spacing_mm": list(pretrain.preprocess.spacing_mm),
+        "preprocess": pretrain.preprocess.to_dict(), "num_timesteps": pretrain.diffusion.num_timesteps,
+        "schedule": pretrain.diffusion.schedule, "feature_channels": list(backbone.feature_channels),
+    }  # fmt: skip
+
+
+def build_head(kind: str, feature_channels: Sequence[int], num_classes: int, hidden: int = 64) -> nn.Module:
+    """A :class:`LinearProbeHead` or :class:`NonLinearProbeHead` for the given pyramid channels."""
+    from DiffusionSegLib.nets import LinearProbeHead, NonLinearProbeHead
+
+    if kind == "linear":
+        return LinearProbeHead(feature_channels, num_classes)
+    if kind == "nonlinear":
+        return NonLinearProbeHead(feature_channels, num_classes, hidden)
+    raise ValueError(f"head {kind!r} is unknown; expected 'linear' or 'nonlinear'")
+
+
+def _check_patch(cfg: ProbeConfig, divisor: int) -> None:
+    bad = [s for s in cfg.patch_size_vox if s % divisor]
+    if bad:
+        raise UserInputError(f"patch size {cfg.patch_size_vox} is not a multiple of {divisor} (the backbone's size "
+                             "divisor) along every axis")  # fmt: skip
+
+
+def _check_labels(labels: Sequence[OrganLabel], volumes) -> None:
+    if not labels:
+        raise UserInputError("no organs to learn; pass at least one label")
+    values = [label.value for label in labels]
+    if len(set(values)) != len(values):
+        raise UserInputError(f"label ids {values} repeat; each organ needs its own id")
+    for index, label in enumerate(labels):
+        if not any(np.any(v.classes == index + 1) for v in volumes):
+            raise UserInputError(f"organ '{label.name}' (id {label.value}) has no voxels in any training case")
+
+
+class _Cache:
+    """Frozen pyramids (float16, CPU) and class maps of cut patches."""
+
+    def __init__(self) -> None:
+        self.pyramids: list[list[torch.Tensor]] = []
+        self.classes: list[torch.Tensor] = []
+
+    def __len__(self) -> int:
+        return len(self.classes)
+
+    def batch(self, indices: Sequence[int], device: torch.device) -> tuple[list[torch.Tensor], torch.Tensor]:
+        levels = len(self.pyramids[0])
+        pyramid = [torch.cat([self.pyramids[i][level] for i in indices]).to(device).float() for level in range(levels)]
+        return pyramid, torch.cat([self.classes[i] for i in indices]).to(device)
+
+
+def fit_probe(cases: Sequence[tuple[sitk.Image, sitk.Image]], labels: Sequence[OrganLabel], backbone,
+              cfg: ProbeConfig | None = None, *, bpr=None, progress: bool = True,
+              progress_callback: ProgressCallback | None = None,
+              should_stop: Callable[[], bool] | None = None) -> TrainedProbe:  # fmt: skip
+    """Train a probe head on a frozen backbone from a few labeled CTs.
+
+    Args:
+        cases: ``(ct, label map)`` pairs; each label map on its CT's grid, ids as in ``labels``.
+        labels: the organs to learn (others in the label maps count as background).
+        backbone: the frozen :class:`~DiffusionSegLib.pretrain.export.BackboneBundle`.
+        cfg: probe settings; default :class:`ProbeConfig`.
+        bpr: BPR for a backbone that uses coordinates (module, path or None for the recorded default).
+        progress: show a tqdm progress bar.
+        progress_callback: called as ``(fraction in [0, 1], message)`` while preparing, caching and training.
+        should_stop: polled often; when it returns True the best head so far is returned (``cancelled=True``).
+
+    Returns:
+        A :class:`TrainedProbe`.
+
+    Raises:
+        UserInputError: no cases, an unusable CT or label map, an organ absent from every case, a patch
+            size that is not a multiple of the backbone's divisor, a timestep outside [0, T - 1].
+        ProbeTrainingCancelled: stopped before any training step.
+
+    Example::
+
+        probe = fit_probe([(ct, seg)], BTCV_LABELS[5:6], load_backbone("backbone.safetensors"), ProbeConfig(steps=200))
+        save_probe("liver.safetensors", probe)
+    """
+    from monai.losses import DiceCELoss
+    from tqdm.auto import tqdm
+
+    from DiffusionSegLib.features import FeatureExtractor, resolve_device
+    from DiffusionSegLib.probe.sampling import cut_patch, prepare_labeled_volume, sample_patch_origins
+
+    cfg = cfg or ProbeConfig()
+    labels = list(labels)
+    if not cases:
+        raise UserInputError("no labeled cases given; a probe needs at least one CT with its label map")
+    _check_patch(cfg, backbone.model.config.size_divisor)
+    feature_cfg = cfg.feature_config()
+    device = resolve_device(cfg.device)
+    report = progress_callback or (lambda fraction, message: None)
+    stop = should_stop or (lambda: False)
+    torch.manual_seed(cfg.seed)
+    rng = np.random.default_rng(cfg.seed)
+    extractor = FeatureExtractor(backbone, feature_cfg).to(device)  # checks the timestep early
+
+    volumes = []
+    for i, (image, label) in enumerate(cases):
+        if stop():
+            raise ProbeTrainingCancelled("probe training cancelled while preparing the volumes")
+        report(0.2 * i / len(cases), f"preparing volume {i + 1}/{len(cases)}")
+        volumes.append(prepare_labeled_volume(image, label, labels, backbone, feature_cfg, f"case {i + 1}",
+                                              bpr=bpr, device=device))  # fmt: skip
+    _check_labels(labels, volumes)
+
+    held_out = cfg.val_volumes if len(volumes) > cfg.val_volumes > 0 else 0
+    train_cache, val_cache = _Cache(), _Cache()
+    jobs = []
+    for v, volume in enumerate(volumes):
+        origins = sample_patch_origins(volume.classes, cfg.patch_size_vox, cfg.patches_per_volume, rng)
+        jobs += [(v, origin) for origin in origins]
+    n_val = 0 if held_out else (max(1, int(round(cfg.val_fraction * len(jobs)))) if cfg.val_fraction > 0 else 0)
+    val_jobs = set(rng.choice(len(jobs), n_val, replace=False).tolist()) if n_val else set()
+    for j, (v, origin) in enumerate(jobs):
+        if stop():
+            raise ProbeTrainingCancelled("probe training cancelled while caching features")
+        report(0.2 + 0.3 * j / len(jobs), f"caching features of patch {j + 1}/{len(jobs)}")
+        window, classes = cut_patch(volumes[v], origin, cfg.patch_size_vox)
+        pyramid = extractor(window.to(device), j % extractor.num_draws)
+        target = val_cache if (j in val_jobs or v >= len(volumes) - held_out) else train_cache
+        target.pyramids.append([level.to("cpu", torch.float16) for level in pyramid])
+        target.classes.append(classes)
+    del volumes
+
+    head = build_head(cfg.head, backbone.feature_channels, len(labels) + 1, cfg.hidden_channels).to(device)
+    loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
+    optimiser = torch.optim.AdamW(head.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    probe = TrainedProbe(head, cfg, labels, backbone_record(backbone))
+    best_state, best_loss, since_best, losses = copy.deepcopy(head.state_dict()), float("inf"), 0, []
+    started = time.perf_counter()
+    bar = tqdm(range(1, cfg.steps + 1), desc="probe", disable=not progress, leave=False)
+    for step in bar:
+        if stop():
+            probe.cancelled = True
+            if step == 1:
+                raise ProbeTrainingCancelled("probe training cancelled before the first step")
+            break
+        head.train()
+        indices = rng.choice(len(train_cache), size=min(cfg.batch_size, len(train_cache)), replace=False)
+        pyramid, target = train_cache.batch(indices.tolist(), device)
+        loss = loss_fn(head(pyramid), target)
+        optimiser.zero_grad(set_to_none=True)
+        loss.backward()
+        optimiser.step()
+        losses.append(float(loss.detach()))
+        if step % cfg.val_every == 0 or step == cfg.steps:
+            val_loss = _validate(head, val_cache if len(val_cache) else train_cache, loss_fn, device, cfg.batch_size)
+            train_loss = float(np.mean(losses[-cfg.val_every :]))
+            probe.history.append({"step": step, "train_loss": train_loss, "val_loss": val_loss})
+            if val_loss < best_loss:
+                best_state, best_loss, probe.best_step, since_best = copy.deepcopy(head.state_dict()), val_loss, step, 0
+            else:
+                since_best += 1
+            bar.set_postfix(loss=f"{train_loss:.3f}", val=f"{val_loss:.3f}")
+            if cfg.patience and since_best >= cfg.patience:
+                log.info("probe: no improvement in %d validations; stopping at step %d", since_best, step)
+                break
+        report(0.5 + 0.5 * step / max(cfg.steps, 1), f"training step {step}/{cfg.steps} (loss {losses[-1]:.3f})")
+    bar.close()
+    if probe.cancelled and losses and (not probe.history or probe.history[-1]["step"] != len(losses)):
+        val_loss = _validate(head, val_cache if len(val_cache) else train_cache, loss_fn, device, cfg.batch_size)
+        probe.history.append({"step": len(losses), "train_loss": losses[-1], "val_loss": val_loss})
+        if val_loss < best_loss:
+            best_state, best_loss, probe.best_step = copy.deepcopy(head.state_dict()), val_loss, len(losses)
+    head.load_state_dict(best_state)
+    head.eval()
+    probe.best_val_loss = best_loss
+    log.info("probe: %s head, %d organs, best validation loss %.4f at step %d (%.1f s of training)", cfg.head,
+             len(labels), best_loss, probe.best_step, time.perf_counter() - started)  # fmt: skip
+    report(1.0, "done")
+    return probe
+
+
+@torch.no_grad()
+def _validate(head: nn.Module, cache: _Cache, loss_fn, device: torch.device, batch_size: int) -> float:
+    head.eval()
+    total, count = 0.0, 0
+    for start in range(0, len(cache), batch_size):
+        indices = list(range(start, min(start + batch_size, len(cache))))
+        pyramid, target = cache.batch(indices, device)
+        total += float(loss_fn(head(pyramid), target)) * len(indices)
+        count += len(indices)
+    return total / max(count, 1)

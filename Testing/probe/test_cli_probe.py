@@ -1,0 +1,64 @@
+"""The train-probe and segment commands, end to end on a real scan with a tiny backbone."""
+
+from __future__ import annotations
+
+import pytest
+import SimpleITK as sitk
+import torch
+from features.tiny_backbone import make_backbone
+from helpers import data_path
+
+from DiffusionSegLib.cli import main
+from DiffusionSegLib.probe import read_probe_config, read_seg_nrrd
+
+
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_train_probe_then_segment(tmp_path, capsys):
+    backbone = make_backbone(tmp_path / "backbone.safetensors")
+    ct = str(data_path("labeled/ircadb1.01_ct.nii.gz"))
+    organs = str(data_path("labeled/ircadb1.01_organs.nii.gz"))
+    legend = str(data_path("labeled/ircadb1.01_legend.json"))
+    probe = tmp_path / "probe.safetensors"
+    status = main(["train-probe", "--backbone", str(backbone.path), "--case", ct, organs, "--labels-legend", legend,
+                   "--organs", "liver,spleen", "--head", "linear", "--steps", "10", "--patch", "16", "32", "32",
+                   "--patches-per-volume", "4", "--timestep", "2", "--noise-seed", "7", "-o", str(probe)])  # fmt: skip
+    assert status == 0
+    config = read_probe_config(probe)
+    assert [item["name"] for item in config["labels"]] == ["liver", "spleen"]
+    assert config["probe"]["timestep"] == 2 and config["probe"]["noise_seed"] == 7
+    assert config["backbone"]["sha256"] == backbone.sha256
+
+    out = tmp_path / "seg.seg.nrrd"
+    uncertainty = tmp_path / "u.nii.gz"
+    status = main(["segment", ct, "--probe", str(probe), "-o", str(out), "--uncertainty", str(uncertainty),
+                   "--largest-component", "--device", "cpu"])  # fmt: skip
+    assert status == 0
+    image, segments = read_seg_nrrd(out)
+    reference = sitk.ReadImage(ct)
+    assert image.GetSize() == reference.GetSize() and image.GetOrigin() == reference.GetOrigin()
+    assert [s["name"] for s in segments] == ["liver", "spleen"]
+    assert [s["label_value"] for s in segments] == [6, 1]
+    assert sitk.ReadImage(str(uncertainty)).GetSize() == reference.GetSize()
+
+    other = make_backbone(tmp_path / "other.safetensors", seed=3)
+    status = main(["segment", ct, "--probe", str(probe), "--backbone", str(other.path), "-o", str(tmp_path / "x.nii.gz")])
+    assert status == 2
+    assert "backbone" in capsys.readouterr().err
+
+
+def test_unknown_organ_is_one_line_error(tmp_path, capsys):
+    backbone = make_backbone(tmp_path / "backbone.safetensors")
+    ct = str(data_path("labeled/ircadb1.01_ct.nii.gz"))
+    organs = str(data_path("labeled/ircadb1.01_organs.nii.gz"))
+    status = main(["train-probe", "--backbone", str(backbone.path), "--case", ct, organs, "--organs", "liver",
+                   "-o", str(tmp_path / "p.safetensors")])  # fmt: skip
+    assert status == 2
+    err = capsys.readouterr().err
+    assert "liver" in err and len(err.strip().splitlines()) == 1
