@@ -44,7 +44,8 @@ class PredictionType(StrEnum):
         try:
             return cls(value)
         except ValueError:
-            raise ValueError(f"prediction_type {value!r} is unknown; expected one of {[p.value for p in cls]}") from None
+            known = [p.value for p in cls]
+            raise ValueError(f"prediction_type {value!r} is unknown; expected one of {known}") from None
 
 
 @dataclass
@@ -160,7 +161,8 @@ class NoiseScheduler(nn.Module):
         """
         if noise.shape != x0.shape:
             raise ValueError(f"noise shape {tuple(noise.shape)} differs from x0 shape {tuple(x0.shape)}")
-        return self._at(self.sqrt_alphas_cumprod, t, x0) * x0 + self._at(self.sqrt_one_minus_alphas_cumprod, t, x0) * noise
+        signal = self._at(self.sqrt_alphas_cumprod, t, x0)
+        return signal * x0 + self._at(self.sqrt_one_minus_alphas_cumprod, t, x0) * noise
 
     def predict_x0(self, x_t: torch.Tensor, eps: torch.Tensor, t: torch.Tensor | int) -> torch.Tensor:
         """Invert eq. 4 for x0 given the noise: ``(x_t - sqrt(1 - alpha_bar_t) eps) / sqrt(alpha_bar_t)`` (DDPM eq. 15).

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from DiffusionSegLib.nets.blocks import ACTIVATIONS, NORMS, ResBlock3d, make_activation, make_norm
+from DiffusionSegLib.nets.blocks import ACTIVATIONS, NORMS, PointwiseConv3d, ResBlock3d, make_activation, make_norm
 from DiffusionSegLib.nets.embedding import TimestepEmbedding, timestep_embedding
 from DiffusionSegLib.nets.heads import (
     UPSAMPLE_MODES,
@@ -23,6 +23,7 @@ __all__ = [
     "upsample_to",
     "UPSAMPLE_MODES",
     "ResBlock3d",
+    "PointwiseConv3d",
     "make_norm",
     "make_activation",
     "NORMS",

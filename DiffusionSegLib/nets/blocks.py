@@ -13,7 +13,16 @@ from typing import Literal, get_args
 import torch
 from torch import nn
 
-__all__ = ["NormName", "ActName", "NORMS", "ACTIVATIONS", "make_norm", "make_activation", "ResBlock3d"]
+__all__ = [
+    "NormName",
+    "ActName",
+    "NORMS",
+    "ACTIVATIONS",
+    "make_norm",
+    "make_activation",
+    "PointwiseConv3d",
+    "ResBlock3d",
+]
 
 NormName = Literal["batch", "group", "instance", "none"]
 ActName = Literal["relu", "silu", "gelu"]
@@ -62,6 +71,30 @@ def make_activation(act: str) -> nn.Module:
     raise ValueError(f"activation {act!r} is unknown; expected one of {list(ACTIVATIONS)}")
 
 
+class PointwiseConv3d(nn.Conv3d):
+    """A 1x1x1 ``Conv3d`` that runs as a matrix product on channels_last_3d inputs.
+
+    Same parameters and ``state_dict`` as ``nn.Conv3d(in_channels, out_channels, kernel_size=1)``. On a
+    channels_last_3d input the channels are the innermost axis, so ``F.linear`` on the (B, D, H, W, C) view is
+    one GEMM; torch's CPU conv3d kernels are 3-10x slower for this case (see
+    ``benchmarks/results/backbone_throughput.md``). Other layouts use the ordinary convolution.
+
+    Args:
+        in_channels: C_in.
+        out_channels: C_out.
+        bias: add a learned bias. Default True.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, bias: bool = True) -> None:
+        super().__init__(in_channels, out_channels, kernel_size=1, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C_in, D, H, W) -> (B, C_out, D, H, W), keeping the input's memory format."""
+        if x.ndim == 5 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last_3d):
+            return nn.functional.linear(x.movedim(1, -1), self.weight.flatten(1), self.bias).movedim(-1, 1)
+        return super().forward(x)
+
+
 class ResBlock3d(nn.Module):
     """Pre-activation residual block ``x + conv(act(mod(norm(conv(act(norm(x)))))))``.
 
@@ -89,17 +122,19 @@ class ResBlock3d(nn.Module):
         super().__init__()
         if kernel_size % 2 != 1:
             raise ValueError(f"kernel_size {kernel_size} must be odd")
-        padding = kernel_size // 2
+        def conv(cin: int, cout: int) -> nn.Conv3d:
+            if kernel_size == 1:
+                return PointwiseConv3d(cin, cout)
+            return nn.Conv3d(cin, cout, kernel_size, padding=kernel_size // 2)
+
         self.norm1 = make_norm(norm, in_channels, norm_groups)
         self.act1 = make_activation(act)
-        self.conv1 = nn.Conv3d(in_channels, out_channels, kernel_size, padding=padding)
+        self.conv1 = conv(in_channels, out_channels)
         self.norm2 = make_norm(norm, out_channels, norm_groups)
         self.act2 = make_activation(act)
-        self.conv2 = nn.Conv3d(out_channels, out_channels, kernel_size, padding=padding)
+        self.conv2 = conv(out_channels, out_channels)
         self.emb_proj = nn.Linear(emb_channels, 2 * out_channels) if emb_channels else None
-        self.shortcut = (
-            nn.Identity() if in_channels == out_channels else nn.Conv3d(in_channels, out_channels, kernel_size=1)
-        )
+        self.shortcut = nn.Identity() if in_channels == out_channels else PointwiseConv3d(in_channels, out_channels)
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor | None = None) -> torch.Tensor:
         """Apply the block.

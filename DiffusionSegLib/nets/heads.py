@@ -16,7 +16,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from DiffusionSegLib.nets.blocks import ResBlock3d, make_activation, make_norm
+from DiffusionSegLib.nets.blocks import PointwiseConv3d, ResBlock3d, make_activation, make_norm
 
 __all__ = ["UPSAMPLE_MODES", "upsample_to", "upsample_and_concat", "LinearProbeHead", "NonLinearProbeHead"]
 
@@ -92,7 +92,7 @@ class LinearProbeHead(nn.Module):
         self.upsample = upsample
         # one bias for the whole map (on the finest level): the sum of per-level biases would be redundant
         self.convs = nn.ModuleList(
-            nn.Conv3d(c, num_classes, kernel_size=1, bias=(level == 0)) for level, c in enumerate(feature_channels)
+            PointwiseConv3d(c, num_classes, bias=(level == 0)) for level, c in enumerate(feature_channels)
         )
 
     def forward(self, pyramid: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -150,12 +150,12 @@ class NonLinearProbeHead(nn.Module):
             raise ValueError(f"upsample {upsample!r} is unknown; expected one of {list(UPSAMPLE_MODES)}")
         self.feature_channels = [int(c) for c in feature_channels]
         self.upsample = upsample
-        self.project = nn.ModuleList(nn.Conv3d(c, hidden, kernel_size=1) for c in feature_channels)
+        self.project = nn.ModuleList(PointwiseConv3d(c, hidden) for c in feature_channels)
         self.blocks = nn.ModuleList(
             nn.Sequential(*(ResBlock3d(hidden, hidden, kernel_size=1, norm=norm, act=act) for _ in range(num_blocks)))
             for _ in feature_channels
         )
-        self.out = nn.Sequential(make_norm(norm, hidden), make_activation(act), nn.Conv3d(hidden, num_classes, 1))
+        self.out = nn.Sequential(make_norm(norm, hidden), make_activation(act), PointwiseConv3d(hidden, num_classes))
 
     def forward(self, pyramid: Sequence[torch.Tensor]) -> torch.Tensor:
         """Logits from a pyramid.

@@ -16,8 +16,13 @@ upsampling (it commutes with nearest upsampling and costs 8x less). Each residua
 embedding when ``time_conditioning`` is on; the restorative / contrastive baselines build the same network with
 it off, and then ``t`` is ignored.
 
-Defaults (base 16, 5 scales, cap 256, 2 blocks, batch norm, ReLU) were picked from
-``benchmarks/backbone_throughput.py``; see ``benchmarks/results/backbone_throughput.md``.
+Defaults: base 16, 5 scales (16..256 channels, 496-dim voxel feature, 10.9 M parameters), 2 blocks per level,
+batch norm, ReLU. vox2vec's 6 scales up to 512 channels (43 M parameters, 1008 dims) needs patch sizes divisible
+by 32 and quadruples the optimizer's work for little extra compute; it stays one option away
+(``num_scales=6, max_channels=512``). Batch norm, ReLU and 2 blocks were kept after timing the alternatives with
+``benchmarks/backbone_throughput.py --candidates`` (``benchmarks/results/backbone_throughput.md``): group norm
+and SiLU cost about the same, instance norm is slower, 1 block per level is ~1.8x faster per step; batch norm in
+eval mode also keeps a voxel's features independent of the window it is computed in.
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-from DiffusionSegLib.nets.blocks import ACTIVATIONS, NORMS, ResBlock3d, make_activation, make_norm
+from DiffusionSegLib.nets.blocks import ACTIVATIONS, NORMS, PointwiseConv3d, ResBlock3d, make_activation, make_norm
 from DiffusionSegLib.nets.embedding import TimestepEmbedding
 
 __all__ = ["UNet3dConfig", "UNet3d", "UNet3dOutput"]
@@ -161,9 +166,9 @@ class UNet3d(nn.Module):
         )
         self.pool = nn.MaxPool3d(kernel_size=2)
         # decoder modules for levels 0 .. L-2 (the coarsest level's features are the encoder bottleneck)
-        self.lateral = nn.ModuleList(nn.Conv3d(c, c, kernel_size=1) for c in channels[:-1])
+        self.lateral = nn.ModuleList(PointwiseConv3d(c, c) for c in channels[:-1])
         self.reduce = nn.ModuleList(
-            nn.Conv3d(channels[level + 1], channels[level], kernel_size=1) for level in range(cfg.num_scales - 1)
+            PointwiseConv3d(channels[level + 1], channels[level]) for level in range(cfg.num_scales - 1)
         )
         self.decoder = nn.ModuleList(_Stage(c, c, n, emb, cfg) for c in channels[:-1])
         self.out = nn.Sequential(

@@ -164,7 +164,8 @@ def resample_labels_onto(labels: sitk.Image, reference: sitk.Image, method: str 
     out = np.zeros(shape, dtype=label_array.dtype)
     for value in values:
         mask = sitk.Cast(labels == value, sitk.sitkFloat32)
-        probability = sitk.GetArrayViewFromImage(resample_onto(mask, reference, "linear", 0.0))
+        resampled = resample_onto(mask, reference, "linear", 0.0)  # keep the image alive while its view is used
+        probability = sitk.GetArrayViewFromImage(resampled)
         wins = probability > best
         out[wins] = value
         best[wins] = probability[wins]

@@ -84,8 +84,11 @@ def _coordinate_function(cfg: PretrainConfig, device: torch.device):
 
     path = Path(cfg.bpr_weights) if cfg.bpr_weights else default_bpr_path()
     model, bpr_cfg = load_bpr(path)
+    if tuple(bpr_cfg.spacing_mm) != tuple(cfg.preprocess.spacing_mm):
+        raise UserInputError(f"BPR {path} works at {tuple(bpr_cfg.spacing_mm)} mm but pretraining uses "
+                             f"{tuple(cfg.preprocess.spacing_mm)} mm; use the same working spacing")  # fmt: skip
     model.to(device).eval()
-    return (lambda hu: predict_working_coordinates(hu.to(device), model, bpr_cfg).cpu()), path
+    return (lambda hu: predict_working_coordinates(hu, model, device=device).cpu()), path
 
 
 class _StopFlag:

@@ -94,7 +94,7 @@ def keep_largest_components(labels: np.ndarray, values: list[int]) -> np.ndarray
         if not mask.any():
             continue
         components = sitk.ConnectedComponent(sitk.GetImageFromArray(mask.astype(np.uint8)), True)
-        largest = sitk.GetArrayViewFromImage(sitk.RelabelComponent(components, sortByObjectSize=True)) == 1
+        largest = sitk.GetArrayFromImage(sitk.RelabelComponent(components, sortByObjectSize=True)) == 1
         labels[mask & ~largest] = 0
     return labels
 

@@ -1,0 +1,122 @@
+"""One DiffusionSeg job on files, for the Slicer module's background process (and its in-process runs).
+
+    PythonSlicer diffusionseg_job.py JOB.json
+
+``JOB.json`` says what to do (``"kind"``: ``segment`` | ``coords`` | ``train-probe``) and where the input and
+output files are; the Slicer module writes it, runs this script, then turns the output files into MRML nodes.
+All the work is done by DiffusionSegLib (``segment``, ``predict_body_coordinates``, ``fit_probe``); this file
+only reads and writes files and reports progress on stdout, one line each::
+
+    DIFFUSIONSEG_PROGRESS <fraction in [0, 1]> <message>
+    DIFFUSIONSEG_RESULT <json>            (last line, on success)
+    DIFFUSIONSEG_ERROR <message>          (a user error: exit status 2)
+
+Torch and MONAI are imported here, never in the Slicer GUI process. ``CUDA_VISIBLE_DEVICES=-1`` forces the CPU.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+PROGRESS_PREFIX = "DIFFUSIONSEG_PROGRESS"
+RESULT_PREFIX = "DIFFUSIONSEG_RESULT"
+ERROR_PREFIX = "DIFFUSIONSEG_ERROR"
+
+ProgressCallback = Callable[[float, str], None]
+
+
+def _device(job: dict) -> str:
+    device = job.get("device", "cpu")
+    return {"gpu": "cuda", "cuda": "cuda", "cpu": "cpu", "auto": "auto"}.get(str(device).lower(), "cpu")
+
+
+def _segment(job: dict, report: ProgressCallback, should_stop: Callable[[], bool]) -> dict:
+    from DiffusionSegLib.data.labels import labels_to_json
+    from DiffusionSegLib.data.volume import read_volume, write_volume
+    from DiffusionSegLib.pretrain.export import load_backbone
+    from DiffusionSegLib.probe import load_probe, segment
+
+    report(0.0, "loading the backbone and the probe")
+    backbone = load_backbone(job["backbone"])
+    probe = load_probe(job["probe"], backbone)
+    image = read_volume(job["image"])
+    result = segment(image, probe, backbone, device=_device(job), largest_component=bool(job.get("largest_component")),
+                     progress_callback=report, should_stop=should_stop)  # fmt: skip
+    write_volume(result.labels, job["output_labels"])
+    Path(job["output_legend"]).write_text(json.dumps(labels_to_json(result.organs)))
+    return {"labels": job["output_labels"], "legend": job["output_legend"], "seconds": result.seconds}
+
+
+def _coords(job: dict, report: ProgressCallback, should_stop: Callable[[], bool]) -> dict:
+    from DiffusionSegLib.bpr import load_bpr, predict_body_coordinates
+    from DiffusionSegLib.data.volume import read_volume, write_volume
+
+    report(0.0, "loading the Body Part Regressor")
+    model, _ = load_bpr(job.get("bpr") or None)
+    image = read_volume(job["image"])
+    report(0.1, "computing anatomical coordinates")
+    coordinates = predict_body_coordinates(image, model, device=_device(job).replace("auto", "cpu"))
+    write_volume(coordinates, job["output"])
+    return {"coordinates": job["output"]}
+
+
+def _train_probe(job: dict, report: ProgressCallback, should_stop: Callable[[], bool]) -> dict:
+    from DiffusionSegLib.data.labels import labels_from_names
+    from DiffusionSegLib.data.volume import read_volume
+    from DiffusionSegLib.pretrain.export import load_backbone
+    from DiffusionSegLib.probe import ProbeConfig, fit_probe, save_probe
+
+    report(0.0, "loading the backbone")
+    backbone = load_backbone(job["backbone"])
+    labels = labels_from_names({int(value): name for value, name in job["names"].items()})
+    cases = [(read_volume(ct), read_volume(label)) for ct, label in job["cases"]]
+    options = {"head": job.get("head", "nonlinear"), "steps": int(job.get("steps", 300)), "device": _device(job)}
+    options.update(job.get("probe_options") or {})
+    probe = fit_probe(cases, labels, backbone, ProbeConfig(**options), progress=False, progress_callback=report,
+                      should_stop=should_stop)  # fmt: skip
+    path = save_probe(job["output"], probe)
+    return {"probe": str(path), "organs": [label.name for label in probe.labels], "cancelled": probe.cancelled,
+            "best_val_loss": probe.best_val_loss}  # fmt: skip
+
+
+JOBS = {"segment": _segment, "coords": _coords, "train-probe": _train_probe}
+
+
+def run_job(job: dict, progress_callback: ProgressCallback | None = None,
+            should_stop: Callable[[], bool] | None = None) -> dict:  # fmt: skip
+    """Run one job (see the module docstring); returns a JSON-serialisable dict naming the files written.
+
+    Raises:
+        ValueError: unknown job kind.
+        UserInputError: bad input (from DiffusionSegLib).
+    """
+    kind = job.get("kind")
+    if kind not in JOBS:
+        raise ValueError(f"job kind {kind!r} is unknown; expected one of {sorted(JOBS)}")
+    return JOBS[kind](job, progress_callback or (lambda fraction, message: None), should_stop or (lambda: False))
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) != 1:
+        print(f"usage: {Path(__file__).name} JOB.json", file=sys.stderr)
+        return 2
+    from DiffusionSegLib.errors import UserInputError
+
+    def report(fraction: float, message: str) -> None:
+        print(f"{PROGRESS_PREFIX} {min(max(float(fraction), 0.0), 1.0):.4f} {message}", flush=True)
+
+    try:
+        job = json.loads(Path(argv[0]).read_text())
+        result = run_job(job, report)
+    except UserInputError as error:
+        print(f"{ERROR_PREFIX} {error}", flush=True)
+        return 2
+    print(f"{RESULT_PREFIX} {json.dumps(result)}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

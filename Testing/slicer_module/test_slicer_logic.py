@@ -1,0 +1,158 @@
+"""The DiffusionSeg logic on the real MRML scene (slicer-core): segment, train a probe, coordinates, output policy."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+
+def _segments(node) -> dict[str, object]:
+    segmentation = node.GetSegmentation()
+    return {segmentation.GetNthSegment(i).GetName(): segmentation.GetNthSegment(i)
+            for i in range(segmentation.GetNumberOfSegments())}  # fmt: skip
+
+
+def test_probe_trained_from_segmentation_node_is_listed(trained_probe, organs):
+    logic, path = trained_probe
+    assert path.is_file() and path.parent == logic.probeFolder
+    listed = {p["path"]: p for p in logic.listProbes()}
+    assert str(path) in listed
+    assert sorted(listed[str(path)]["organs"]) == sorted(organs.values())
+
+
+def test_segment_gives_named_coloured_segments_on_input_geometry(ds, scene, trained_probe, fixed_probe, tiny_backbone,
+                                                                  make_case, organs):
+    import vtk
+
+    from DiffusionSegLib.data.labels import organ_label
+    from DiffusionSegLib.mrml import image_from_volume_node
+
+    logic, _ = trained_probe
+    probe = fixed_probe
+    logic.scene = scene
+    ct, volume_node, annotations = make_case(scene, name="patient")
+    before = scene.GetNumberOfNodesByClass("vtkMRMLSegmentationNode")
+    fractions = []
+    result = logic.segment(volume_node, probe, tiny_backbone, progressCallback=lambda f, m: fractions.append(f))
+    assert scene.GetNumberOfNodesByClass("vtkMRMLSegmentationNode") == before + 1
+    assert result is not annotations and result.GetName() == "patient segmentation"
+    assert fractions and fractions[-1] == 1.0
+    segments = _segments(result)
+    assert list(segments) == ["bone"], f"unexpected segments {sorted(segments)}"
+    for name, segment in segments.items():
+        expected = organ_label(1, name)
+        assert np.allclose(segment.GetColor(), expected.color, atol=1e-6)
+        assert expected.terminology and "SCT^" in segment.GetTerminology()
+    # the segmentation is referenced to the input volume and its label map lies on the input grid
+    role = result.GetReferenceImageGeometryReferenceRole()
+    assert result.GetNodeReference(role) is volume_node
+    from DiffusionSegLib.mrml import labelmap_from_segmentation_node
+
+    labels, _ = labelmap_from_segmentation_node(result, volume_node)
+    reference = image_from_volume_node(volume_node)
+    assert labels.GetSize() == ct.GetSize() == reference.GetSize()
+    assert np.allclose(labels.GetOrigin(), ct.GetOrigin()) and np.allclose(labels.GetDirection(), ct.GetDirection())
+    matrix = vtk.vtkMatrix4x4()
+    volume_node.GetIJKToRASMatrix(matrix)
+    assert abs(matrix.GetElement(0, 3) + ct.GetOrigin()[0]) < 1e-4  # RAS = -LPS on x
+
+
+def test_existing_segmentation_is_never_overwritten_unless_chosen(ds, scene, trained_probe, fixed_probe, tiny_backbone,
+                                                                  make_case, organs):
+    logic, _ = trained_probe
+    probe = fixed_probe
+    logic.scene = scene
+    _, volume_node, annotations = make_case(scene, name="patient")
+    existing = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "patient segmentation")
+    first = logic.segment(volume_node, probe, tiny_backbone)
+    assert first is not existing and first.GetName() != "patient segmentation"
+    assert existing.GetSegmentation().GetNumberOfSegments() == 0
+    assert annotations.GetSegmentation().GetNumberOfSegments() == len(organs)
+    count = scene.GetNumberOfNodesByClass("vtkMRMLSegmentationNode")
+    chosen = logic.segment(volume_node, probe, tiny_backbone, outputSegmentationNode=existing)
+    assert chosen is existing and existing.GetSegmentation().GetNumberOfSegments() > 0
+    assert scene.GetNumberOfNodesByClass("vtkMRMLSegmentationNode") == count
+
+
+def test_cancelled_background_run_leaves_scene_unchanged(ds, scene, trained_probe, tiny_backbone, make_case):
+    logic, probe = trained_probe
+    logic.scene = scene
+    _, volume_node, _ = make_case(scene)
+    nodes = scene.GetNumberOfNodes()
+    task = logic.prepareSegment(volume_node, probe, tiny_backbone)
+    process = logic.start(task)
+    logic.cancel(task)
+    assert not process.isRunning() and process.cancelled
+    with pytest.raises(RuntimeError, match="cancelled"):
+        logic.complete(task, timeout=30)
+    assert scene.GetNumberOfNodes() == nodes
+    assert not task.tempDir.exists()
+
+
+def test_background_failure_reports_the_user_error(ds, scene, trained_probe, tmp_path, make_case):
+    logic, probe = trained_probe
+    logic.scene = scene
+    _, volume_node, _ = make_case(scene)
+    bogus = tmp_path / "not_a_backbone.safetensors"
+    bogus.write_bytes(b"\x00" * 16)
+    task = logic.prepareSegment(volume_node, probe, bogus)
+    logic.start(task)
+    nodes = scene.GetNumberOfNodes()
+    with pytest.raises(RuntimeError, match="not_a_backbone"):
+        logic.complete(task, timeout=120)
+    assert scene.GetNumberOfNodes() == nodes
+
+
+def test_segment_names_become_classes_union_over_nodes(ds, scene, tmp_path, make_case):
+    import SimpleITK as sitk
+
+    logic = ds.DiffusionSegLogic(scene, probeFolder=tmp_path)
+    _, volume_a, segmentation_a = make_case(scene, {5: "liver"}, "A")
+    _, volume_b, segmentation_b = make_case(scene, {1: "spleen", 5: "liver"}, "B")
+    segmentation_a.GetSegmentation().GetNthSegment(0).SetName("Liver")  # same organ, other spelling
+    empty = segmentation_b.GetSegmentation().AddEmptySegment("", "kidney")
+    assert empty
+    cases, names = logic.trainingLabels([volume_a, volume_b], [segmentation_a, segmentation_b], tmp_path)
+    assert sorted(names.values()) == ["liver", "spleen"]  # union, same name = same class, empty left out
+    liver = next(v for v, n in names.items() if n == "liver")
+    for _, label_path in cases:
+        values = set(np.unique(sitk.GetArrayFromImage(sitk.ReadImage(label_path))).tolist())
+        assert liver in values and values <= {0, *names}
+
+
+def test_pairing_uses_the_source_volume_and_refuses_missing_ones(ds, scene, tmp_path, make_case):
+    logic = ds.DiffusionSegLogic(scene, probeFolder=tmp_path)
+    _, volume, segmentation = make_case(scene, {5: "liver"})
+    assert logic.pairVolumes([segmentation], []) == [volume]
+    orphan = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "orphan")
+    assert logic.pairVolumes([orphan], [volume]) == [volume]
+    with pytest.raises(ValueError, match="no source volume"):
+        logic.pairVolumes([orphan], [])
+
+
+def test_coordinates_node_on_input_geometry(ds, scene, tmp_path, make_case):
+    from DiffusionSegLib.bpr import default_bpr_path
+    from DiffusionSegLib.mrml import image_from_volume_node
+
+    if not default_bpr_path().is_file():
+        pytest.skip(f"the default BPR weights are not shipped yet ({default_bpr_path()})")
+    logic = ds.DiffusionSegLogic(scene, probeFolder=tmp_path)
+    ct, volume_node, _ = make_case(scene, {5: "liver"})
+    node = logic.showCoordinates(volume_node)
+    assert node.IsA("vtkMRMLVectorVolumeNode") and node.GetImageData().GetNumberOfScalarComponents() == 3
+    image = image_from_volume_node(node)
+    assert image.GetSize() == ct.GetSize()
+    assert np.allclose(image.GetOrigin(), ct.GetOrigin()) and np.allclose(image.GetSpacing(), ct.GetSpacing())
+    assert np.allclose(image.GetDirection(), ct.GetDirection())
+
+
+def test_missing_inputs_give_clear_errors(ds, scene, tmp_path):
+    logic = ds.DiffusionSegLogic(scene, probeFolder=tmp_path)
+    with pytest.raises(ValueError, match="no probe selected"):
+        logic.prepareSegment(None, None)
+    with pytest.raises(ValueError, match="one volume per segmentation"):
+        logic.trainingLabels([], [], tmp_path)
+    with pytest.raises(ValueError, match="not a DiffusionSeg probe"):
+        bogus = tmp_path / "x.safetensors"
+        bogus.write_bytes(b"junk")
+        logic.importProbe(bogus)
