@@ -7,13 +7,6 @@ from DiffusionSegLib.diffusion import NoiseScheduler, diffusion_loss
 from DiffusionSegLib.nets import UNet3d
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: one thread is faster, and immune to a busy machine's stalled OpenMP barriers."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 SPATIAL = (16, 16, 16)
 

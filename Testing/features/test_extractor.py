@@ -23,13 +23,6 @@ from DiffusionSegLib.preprocess import prepare_volume
 
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """One thread: on a shared 2-core machine, two threads per process thrash (10x slower under load)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 @pytest.fixture(scope="module")
 def backbone(tmp_path_factory):

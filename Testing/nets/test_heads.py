@@ -6,13 +6,6 @@ import torch
 from DiffusionSegLib.nets import LinearProbeHead, NonLinearProbeHead, PointwiseConv3d, UNet3d, upsample_and_concat
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: one thread is faster, and immune to a busy machine's stalled OpenMP barriers."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 CHANNELS = [4, 8, 12]
 SPATIAL = (8, 12, 16)

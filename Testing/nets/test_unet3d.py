@@ -6,13 +6,6 @@ import torch
 from DiffusionSegLib.nets import UNet3d, UNet3dConfig, UNet3dOutput
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: one thread is faster, and immune to a busy machine's stalled OpenMP barriers."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 CASES = [
     # options, input spatial size
