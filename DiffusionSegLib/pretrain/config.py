@@ -71,8 +71,10 @@ class BackboneConfig:
 class DiffusionConfig:
     num_timesteps: int = 10
     """T, the number of diffusion steps (the paper's ablation found ~10 best)."""
-    schedule: str = "linear"
-    """Beta schedule name (see ``DiffusionSegLib.diffusion``)."""
+    schedule: str = "ddpm_linear"
+    """Beta schedule name (see ``DiffusionSegLib.diffusion``). ``ddpm_linear`` (DDPM's linspace(1e-4, 0.02, T))
+    makes T set the strongest noise, as in the paper's timestep ablation (T = 10: alpha_bar_T ~ 0.9); ``linear``
+    and ``cosine`` reach full noise for every T."""
     prediction_type: Literal["epsilon", "sample"] = "epsilon"
     """What the network predicts: the noise (DDPM) or the clean patch."""
 

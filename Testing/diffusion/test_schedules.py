@@ -8,7 +8,7 @@ import torch
 from DiffusionSegLib.diffusion import BETA_SCHEDULES, make_betas, register_beta_schedule
 
 
-@pytest.mark.parametrize("name", ["linear", "scaled_linear", "cosine"])
+@pytest.mark.parametrize("name", ["linear", "ddpm_linear", "scaled_linear", "cosine"])
 @pytest.mark.parametrize("num_timesteps", [1, 2, 10, 1000])
 def test_alphas_cumprod_is_decreasing_and_in_unit_interval(name, num_timesteps):
     betas = make_betas(name, num_timesteps)
@@ -52,7 +52,7 @@ def test_options_change_the_schedule():
 
 
 def test_bad_requests_are_refused_with_the_known_names():
-    with pytest.raises(ValueError, match=r"'sigmoid' is unknown; known schedules: \['cosine', 'linear', 'scaled_lin"):
+    with pytest.raises(ValueError, match=r"'sigmoid' is unknown; known schedules: \['cosine', 'ddpm_linear', 'linear', 'scaled_lin"):
         make_betas("sigmoid", 10)
     with pytest.raises(ValueError, match="num_timesteps 0"):
         make_betas("linear", 0)
@@ -73,3 +73,10 @@ def test_registering_a_schedule():
             make_betas("constant_test", 3, beta=1.5)
     finally:
         BETA_SCHEDULES.pop("constant_test")
+
+
+def test_ddpm_linear_is_the_textbook_recipe_so_t_sets_the_strongest_noise():
+    """The paper's ablation varies T with DDPM's linspace(1e-4, 0.02, T): few steps, mild noise."""
+    torch.testing.assert_close(make_betas("ddpm_linear", 10), torch.linspace(1e-4, 0.02, 10, dtype=torch.float64))
+    last_level = [float(torch.cumprod(1 - make_betas("ddpm_linear", t), 0)[-1]) for t in (10, 100, 1000)]
+    assert last_level[0] > 0.9 and last_level[1] < 0.4 and last_level[2] < 1e-4
