@@ -71,7 +71,7 @@ def load_training_volumes(
             prepared = prepare_volume(read_volume(path), preprocess)
         except UserInputError as error:
             raise UserInputError(f"training volume {path}: {error}") from None
-        hu = np.asarray(prepared.array, dtype=np.float32)
+        hu = np.array(prepared.array, dtype=np.float32)  # a writable copy (the view belongs to the image)
         centres = np.argwhere(hu > _TISSUE_HU).astype(np.int32)
         if len(centres) == 0:
             centres = np.argwhere(np.ones_like(hu, dtype=bool)).astype(np.int32)

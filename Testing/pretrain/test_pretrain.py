@@ -109,3 +109,19 @@ def test_pretrain_script_reports_bad_config_in_one_line(tmp_path):
                           cwd=tmp_path, capture_output=True, text=True, timeout=120)  # fmt: skip
     assert done.returncode == 2
     assert "expected a number" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_diffusion_with_bpr_feeds_the_frozen_coordinates(tmp_path):
+    """A (random, tiny) BPR's coordinate map is concatenated to the noised patch; its hash is recorded."""
+    from DiffusionSegLib.bpr import BodyPartRegressor, BPRConfig, save_bpr
+    from DiffusionSegLib.checkpoint import file_sha256
+
+    torch.manual_seed(0)
+    bpr_path = save_bpr(tmp_path / "bpr.safetensors",
+                        BodyPartRegressor(BPRConfig(channels=(4, 8), decoder_channels=4, patch_size_vox=(16, 32, 32))))  # fmt: skip
+    before = file_sha256(bpr_path)
+    cfg = _config(tmp_path / "run", use_bpr=True, bpr_weights=str(bpr_path), training__steps=2)
+    result = pretrain_backbone(cfg)
+    bundle = load_backbone(result.weights)
+    assert bundle.use_bpr and bundle.model.config.in_channels == 4
+    assert bundle.bpr_sha256 == before == file_sha256(bpr_path)  # recorded, and the BPR itself untouched
