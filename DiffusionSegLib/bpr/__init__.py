@@ -1,0 +1,36 @@
+"""Body Part Regressor: dense 3D anatomical coordinates from CT, trained without labels.
+
+Coordinates are in mm-equivalent units on the axes of the canonical LPS working grid: channel 0 right → left,
+1 anterior → posterior, 2 inferior → superior (cranio-caudal). See :mod:`DiffusionSegLib.bpr.objective`.
+"""
+
+from DiffusionSegLib.bpr.inference import (
+    coordinates_to_image,
+    predict_body_coordinates,
+    predict_working_coordinates,
+)
+from DiffusionSegLib.bpr.model import (
+    COORDINATE_AXES,
+    UNIT_MM,
+    BodyPartRegressor,
+    BPRConfig,
+    default_bpr_path,
+    load_bpr,
+    save_bpr,
+)
+from DiffusionSegLib.bpr.train import BPRFitResult, fit_bpr
+
+__all__ = [
+    "BPRConfig",
+    "BPRFitResult",
+    "BodyPartRegressor",
+    "COORDINATE_AXES",
+    "UNIT_MM",
+    "coordinates_to_image",
+    "default_bpr_path",
+    "fit_bpr",
+    "load_bpr",
+    "predict_body_coordinates",
+    "predict_working_coordinates",
+    "save_bpr",
+]

@@ -1,0 +1,163 @@
+"""Dense anatomical coordinates of a whole CT: sliding windows on the working grid, then back to the input grid.
+
+Coordinates are in **mm-equivalent** units (differences ≈ physical displacements in mm): component 0 runs
+right → left, 1 anterior → posterior, 2 inferior → superior. Two entry points:
+
+* :func:`predict_working_coordinates` — a torch tensor ``(1, 3, D, H, W)`` on the working grid, for the
+  diffusion pretraining (compute it once per working volume and crop patches from it along with the CT:
+  a patch seen alone lacks the context the BPR needs, and a whole volume costs about one second per million
+  working voxels on 2 CPU cores).
+* :func:`predict_body_coordinates` — a 3-component ``sitk.Image`` exactly on the input grid.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+
+from DiffusionSegLib.bpr.model import BodyPartRegressor, BPRConfig
+from DiffusionSegLib.preprocess import PreparedVolume, PreprocessConfig, prepare_volume, scale_hu, to_input_grid
+from DiffusionSegLib.preprocess.spatial import grid_like, resample_onto
+
+__all__ = ["predict_working_coordinates", "predict_body_coordinates", "coordinates_to_image", "MODES"]
+
+
+def _working_tensor(working: torch.Tensor | np.ndarray | sitk.Image | PreparedVolume) -> torch.Tensor:
+    if isinstance(working, PreparedVolume):
+        working = working.image
+    if isinstance(working, sitk.Image):
+        working = sitk.GetArrayFromImage(working)
+    tensor = torch.as_tensor(working, dtype=torch.float32)
+    if tensor.ndim == 3:
+        tensor = tensor[None, None]
+    if tensor.ndim != 5 or tensor.shape[:2] != (1, 1):
+        raise ValueError(f"working volume shape {tuple(tensor.shape)} is invalid; expected (D, H, W) or "
+                         "(1, 1, D, H, W)")
+    return tensor
+
+
+MODES = ("affine", "translation", "dense")
+_SCALE_RANGE = (0.5, 2.0)
+BODY_HU = -100.0
+
+
+def _fit_to_position(coordinates: torch.Tensor, hu: torch.Tensor, spacing_mm, mode: str) -> torch.Tensor:
+    """Reduce a blended map to a function of physical position, fitted over body voxels (see ``mode``)."""
+    shape = coordinates.shape[-3:]
+    axes = [torch.arange(n, dtype=torch.float32) * s for n, s in zip(reversed(shape), spacing_mm)]  # x, y, z
+    zz, yy, xx = torch.meshgrid(axes[2], axes[1], axes[0], indexing="ij")
+    position = torch.stack([xx, yy, zz])  # (3, D, H, W)
+    body = hu[0, 0] > BODY_HU
+    if not bool(body.any()):
+        body = torch.ones_like(body)
+    fitted = torch.empty_like(position)
+    for axis in range(3):
+        p, c = position[axis][body].double(), coordinates[0, axis][body].double()
+        scale = 1.0
+        if mode == "affine" and float(p.std()) > 0:
+            scale = float(((p - p.mean()) * (c - c.mean())).mean() / p.var(unbiased=False))
+            scale = min(max(scale, _SCALE_RANGE[0]), _SCALE_RANGE[1])
+        offset = float((c - scale * p).median()) if mode == "translation" else float((c - scale * p).mean())
+        fitted[axis] = scale * position[axis] + offset
+    return fitted[None]
+
+
+@torch.no_grad()
+def predict_working_coordinates(working: torch.Tensor | np.ndarray | sitk.Image | PreparedVolume,
+                                model: BodyPartRegressor, *, mode: str = "affine", overlap: float = 0.25,
+                                sw_batch_size: int = 1, device: str | torch.device = "cpu",
+                                progress: bool = False) -> torch.Tensor:  # fmt: skip
+    """Coordinates of every voxel of a working-grid CT (HU), by Gaussian-weighted sliding windows.
+
+    Args:
+        working: HU volume on the BPR's working grid (``model.config.spacing_mm``, canonical LPS): an array
+            ``(D, H, W)`` / ``(1, 1, D, H, W)``, a working ``sitk.Image`` or a :class:`PreparedVolume`.
+            An ``sitk.Image`` at another spacing is resampled to the BPR's spacing and the result back.
+        model: the BPR (its config gives the HU window and the window size).
+        mode: how the Gaussian-blended window predictions become the result. ``"affine"`` (default): per axis,
+            the least-squares line ``scale · position + offset`` through the blended map over body voxels
+            (scale clipped to [0.5, 2]) — monotonic along every axis by construction, while keeping the
+            network's estimate of where and how large the anatomy is; ``"translation"``: scale 1 and the median
+            offset (coordinates = physical position + one anatomical offset per scan); ``"dense"``: the blended
+            map itself (not guaranteed monotonic across windows).
+        overlap: sliding-window overlap in [0, 1).
+        sw_batch_size: windows per forward pass.
+        device: where the network runs; the result is stitched on the CPU.
+        progress: show a progress bar.
+
+    Returns:
+        Float32 tensor ``(1, 3, D, H, W)`` on the CPU, in mm-equivalent units.
+    """
+    from monai.inferers import sliding_window_inference
+
+    if not 0 <= overlap < 1:
+        raise ValueError(f"overlap {overlap} is invalid; expected a value in [0, 1)")
+    if mode not in MODES:
+        raise ValueError(f"mode {mode!r} is unknown; expected one of {MODES}")
+    cfg = model.config
+    image = working.image if isinstance(working, PreparedVolume) else working
+    if isinstance(image, sitk.Image) and not np.allclose(image.GetSpacing(), cfg.spacing_mm, atol=1e-3):
+        resampled = resample_onto(sitk.Cast(image, sitk.sitkFloat32), grid_like(image, cfg.spacing_mm), "linear",
+                                  -1024.0)  # fmt: skip
+        coarse = predict_working_coordinates(resampled, model, mode=mode, overlap=overlap,
+                                             sw_batch_size=sw_batch_size, device=device, progress=progress)
+        on_bpr_grid = coordinates_to_image(coarse, resampled)
+        back = resample_onto(on_bpr_grid, image, "linear", 0.0)
+        return torch.from_numpy(sitk.GetArrayFromImage(back)).permute(3, 0, 1, 2)[None].contiguous()
+    hu = _working_tensor(image)
+    tensor = scale_hu(hu, cfg.window_hu)
+    was_training = model.training
+    model.eval()
+    try:
+        result = sliding_window_inference(tensor, roi_size=cfg.patch_size_vox, sw_batch_size=sw_batch_size,
+                                          predictor=model, overlap=overlap, mode="gaussian", padding_mode="constant",
+                                          cval=0.0, sw_device=device, device="cpu", progress=progress)  # fmt: skip
+    finally:
+        model.train(was_training)
+    result = result.float()
+    return result if mode == "dense" else _fit_to_position(result, hu, cfg.spacing_mm, mode)
+
+
+def coordinates_to_image(coordinates: torch.Tensor, reference: sitk.Image) -> sitk.Image:
+    """A ``(1, 3, D, H, W)`` coordinate tensor as a 3-component float32 image on ``reference``'s grid."""
+    if coordinates.ndim != 5 or coordinates.shape[:2] != (1, 3):
+        raise ValueError(f"coordinates shape {tuple(coordinates.shape)} is invalid; expected (1, 3, D, H, W)")
+    array = coordinates[0].permute(1, 2, 3, 0).numpy().astype(np.float32)
+    if array.shape[:3] != tuple(reversed(reference.GetSize())):
+        expected = tuple(reversed(reference.GetSize()))
+        raise ValueError(f"coordinates size {array.shape[:3]} does not match the grid {expected}")
+    image = sitk.GetImageFromArray(array, isVector=True)
+    image.CopyInformation(reference)
+    return image
+
+
+def predict_body_coordinates(image: sitk.Image | PreparedVolume, model: BodyPartRegressor,
+                             cfg: BPRConfig | None = None, *,
+                             mode: str = "affine", overlap: float = 0.25, sw_batch_size: int = 1,
+                             device: str | torch.device = "cpu", progress: bool = False) -> sitk.Image:  # fmt: skip
+    """Dense anatomical coordinates of a CT, exactly on its input grid.
+
+    Args:
+        image: a CT in HU (any spacing and orientation; it is prepared with the BPR's spacing), or a
+            :class:`PreparedVolume` (mapped back onto its input grid).
+        model: the BPR (e.g. from ``load_bpr()``).
+        cfg: optional, for ``predict_body_coordinates(image, *load_bpr())``; must be ``model.config``.
+        mode, overlap, sw_batch_size, device, progress: see :func:`predict_working_coordinates`.
+
+    Returns:
+        A 3-component ``sitkVectorFloat32`` image with the input's size, spacing, origin and direction, in
+        mm-equivalent units (x R→L, y A→P, z I→S); input voxels outside the body box read 0.
+
+    Raises:
+        UserInputError: the image is not a usable 3D CT.
+    """
+    if cfg is not None and cfg != model.config:
+        raise ValueError("cfg differs from model.config; pass the config the model was loaded with (or none)")
+    if isinstance(image, PreparedVolume):
+        prepared = image
+    else:
+        prepared = prepare_volume(image, PreprocessConfig(spacing_mm=model.config.spacing_mm))
+    working = predict_working_coordinates(prepared.image, model, mode=mode, overlap=overlap,
+                                          sw_batch_size=sw_batch_size, device=device, progress=progress)
+    return to_input_grid(coordinates_to_image(working, prepared.image), prepared, "linear", 0.0)
