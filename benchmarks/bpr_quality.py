@@ -63,13 +63,15 @@ def _positions_mm(image: sitk.Image) -> np.ndarray:
     return np.stack([xx, yy, zz])
 
 
-def monotonicity(coords: np.ndarray, working: sitk.Image, samples: int = 20000) -> list[float]:
-    """Spearman ρ of each channel with its physical axis over (sub-sampled) body voxels."""
+def monotonicity(coords: np.ndarray, working: sitk.Image, samples: int = 20000) -> tuple[list[float], list[float]]:
+    """Spearman ρ of each channel with its physical axis, and its slope (mm-equivalent per mm), over body voxels."""
     body = _body_mask(working)
     positions = _positions_mm(working)
     index = np.flatnonzero(body)
     index = RNG.choice(index, min(samples, index.size), replace=False)
-    return [float(spearmanr(coords[a].ravel()[index], positions[a].ravel()[index])[0]) for a in range(3)]
+    rho = [float(spearmanr(coords[a].ravel()[index], positions[a].ravel()[index])[0]) for a in range(3)]
+    slope = [float(np.polyfit(positions[a].ravel()[index], coords[a].ravel()[index], 1)[0]) for a in range(3)]
+    return rho, slope
 
 
 def organ_centroids(coords: np.ndarray, working: sitk.Image, labels: sitk.Image, organs) -> dict:
@@ -177,7 +179,7 @@ def evaluate(weights: Path, data: Path, quick: bool, mode: str) -> dict:
     unlabeled = find_images(data / "unlabeled")
     if quick:
         labeled, unlabeled = labeled[:3] + labeled[-1:], unlabeled[:1]
-    report: dict = {"monotonicity": {}, "centroids": {}, "invariance": {}, "seconds": {}}
+    report: dict = {"monotonicity": {}, "scale": {}, "centroids": {}, "invariance": {}, "seconds": {}}
     invariance_cases = {c.case_id for c in labeled[:3]} | {"ircadb1.01", "ircadb1.17"}
     for item in [*labeled, *unlabeled]:
         name = getattr(item, "case_id", None) or Path(item).name.split(".")[0]
@@ -186,7 +188,9 @@ def evaluate(weights: Path, data: Path, quick: bool, mode: str) -> dict:
         prepared = prepare_volume(read_volume(path), pre)
         coords = predict_working_coordinates(prepared.image, model, mode=mode)[0].numpy()
         report["seconds"][name] = round(time.perf_counter() - start, 1)
-        report["monotonicity"][name] = [round(r, 4) for r in monotonicity(coords, prepared.image)]
+        rho, slope = monotonicity(coords, prepared.image)
+        report["monotonicity"][name] = [round(r, 4) for r in rho]
+        report["scale"][name] = [round(s, 3) for s in slope]
         if hasattr(item, "label"):
             report["centroids"][name] = organ_centroids(coords, prepared.image, read_volume(item.label), item.labels)
         if name in invariance_cases:
@@ -197,6 +201,7 @@ def evaluate(weights: Path, data: Path, quick: bool, mode: str) -> dict:
     spreads = report["consistency"].values()
     report["summary"] = {
         "z_rho_min": round(min(z), 4), "z_rho_median": round(float(np.median(z)), 4),
+        "median_scale_xyz": [round(float(np.median([s[a] for s in report["scale"].values()])), 3) for a in range(3)],
         "scans_z_rho_at_least_0.98": f"{sum(r >= 0.98 for r in z)}/{len(z)}",
         "organs_ours_smaller_spread": f"{sum(v['ours_rms_mm'] < v['baseline_rms_mm'] for v in spreads)}/{len(spreads)}",
         "mean_rms_spread_ours_mm": round(float(np.mean([v["ours_rms_mm"] for v in spreads])), 1),
@@ -225,9 +230,11 @@ def to_markdown(report: dict) -> str:
              f"mode `{report['mode']}`.", "",
              "## Summary", "", "| measure | value |", "|---|---|"]  # fmt: skip
     lines += [f"| {key} | {value} |" for key, value in s.items()]
-    lines += ["", "## Monotonicity (Spearman ρ of each channel with its physical axis, body voxels)", "",
-              "| scan | x | y | z |", "|---|---|---|---|"]  # fmt: skip
-    lines += [f"| {name} | {r[0]:.3f} | {r[1]:.3f} | {r[2]:.3f} |" for name, r in report["monotonicity"].items()]
+    lines += ["", "## Monotonicity (Spearman ρ of each channel with its physical axis, body voxels) and scale "
+              "(fitted mm-equivalent per mm; spreads below shrink with it)", "",
+              "| scan | ρ x | ρ y | ρ z | scale x | scale y | scale z |", "|---|---|---|---|---|---|---|"]  # fmt: skip
+    lines += [f"| {name} | {r[0]:.3f} | {r[1]:.3f} | {r[2]:.3f} | " + " | ".join(f"{v:.2f}" for v in report["scale"][name])
+              + " |" for name, r in report["monotonicity"].items()]  # fmt: skip
     lines += ["", "## Organ centroid spread across patients (mm-equivalent; std x/y/z and RMS; smaller is better)", "",
               "| organ | patients | ours std x/y/z | ours RMS | bbox baseline std x/y/z | baseline RMS |",
               "|---|---|---|---|---|---|"]  # fmt: skip
@@ -249,8 +256,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data", help="the shared CT data")
     parser.add_argument("--out", type=Path, default=None, help="results folder (default benchmarks/results)")
     parser.add_argument("--quick", action="store_true", help="a few scans only; prints unless --out is given")
-    parser.add_argument("--mode", choices=("affine", "translation", "dense"), default="affine",
-                        help="whole-volume aggregation of predict_working_coordinates (default affine)")
+    parser.add_argument("--mode", choices=("translation", "affine", "dense"), default="translation",
+                        help="whole-volume aggregation of predict_working_coordinates (default translation)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     args = parser.parse_args(argv)
     if args.threads:

@@ -5,6 +5,7 @@ Coordinates are in mm-equivalent units on the axes of the canonical LPS working 
 """
 
 from DiffusionSegLib.bpr.inference import (
+    coordinate_channels,
     coordinates_to_image,
     predict_body_coordinates,
     predict_working_coordinates,
@@ -26,6 +27,7 @@ __all__ = [
     "BodyPartRegressor",
     "COORDINATE_AXES",
     "UNIT_MM",
+    "coordinate_channels",
     "coordinates_to_image",
     "default_bpr_path",
     "fit_bpr",

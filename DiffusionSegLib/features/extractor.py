@@ -165,12 +165,12 @@ def bpr_coordinates(working_hu: torch.Tensor, backbone: BackboneBundle, bpr: Any
         device: where the BPR runs.
 
     Returns:
-        (1, 3, D, H, W) float32 on the CPU (mm-equivalent units).
+        (1, 3, D, H, W) float32 on the CPU, scaled as network input (see ``bpr.coordinate_channels``).
     """
-    from DiffusionSegLib.bpr import predict_working_coordinates
+    from DiffusionSegLib.bpr import coordinate_channels
 
     model = _bpr_model(backbone, bpr)
-    return predict_working_coordinates(working_hu, model, device=device).float().cpu()
+    return coordinate_channels(working_hu, model, device=device).cpu()
 
 
 @dataclass

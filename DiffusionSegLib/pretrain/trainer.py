@@ -80,7 +80,7 @@ def _coordinate_function(cfg: PretrainConfig, device: torch.device):
     """Working-grid HU volume (1, 1, D, H, W) -> BPR map (1, 3, D, H, W) with the frozen BPR, or None."""
     if not cfg.use_bpr:
         return None, None
-    from DiffusionSegLib.bpr import default_bpr_path, load_bpr, predict_working_coordinates
+    from DiffusionSegLib.bpr import coordinate_channels, default_bpr_path, load_bpr
 
     path = Path(cfg.bpr_weights) if cfg.bpr_weights else default_bpr_path()
     model, bpr_cfg = load_bpr(path)
@@ -88,7 +88,7 @@ def _coordinate_function(cfg: PretrainConfig, device: torch.device):
         raise UserInputError(f"BPR {path} works at {tuple(bpr_cfg.spacing_mm)} mm but pretraining uses "
                              f"{tuple(cfg.preprocess.spacing_mm)} mm; use the same working spacing")  # fmt: skip
     model.to(device).eval()
-    return (lambda hu: predict_working_coordinates(hu, model, device=device).cpu()), path
+    return (lambda hu: coordinate_channels(hu, model, device=device).cpu()), path
 
 
 class _StopFlag:
