@@ -18,14 +18,6 @@ TINY = BPRConfig(patch_size_vox=(32, 64, 64), channels=(4, 8, 16), decoder_chann
 SMALL_CT = "labeled/totalseg_example_ct_sm_3mm.nii.gz"
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def tiny_model() -> BodyPartRegressor:
     torch.manual_seed(0)

@@ -15,14 +15,6 @@ from DiffusionSegLib.data.volume import read_volume
 from DiffusionSegLib.preprocess import prepare_volume
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_shipped_weights_load_with_their_config():
     path = default_bpr_path()
     assert path.is_file() and path.stat().st_size < 5_000_000

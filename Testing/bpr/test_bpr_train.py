@@ -20,15 +20,6 @@ TINY = {"patch_size_vox": (16, 32, 32), "channels": (4, 8, 16), "decoder_channel
 SMALL_CT = "labeled/totalseg_example_ct_sm_3mm.nii.gz"
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One torch thread: faster than two on a shared 2-core machine, and deterministic."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _mean_objective(model: BodyPartRegressor, volumes, cfg: BPRConfig, batches: int = 6) -> float:
     generator = torch.Generator().manual_seed(123)  # the same crops before and after training
     total = 0.0

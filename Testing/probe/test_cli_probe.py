@@ -12,14 +12,6 @@ from DiffusionSegLib.cli import main
 from DiffusionSegLib.probe import read_probe_config, read_seg_nrrd
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_train_probe_then_segment(tmp_path, capsys):
     backbone = make_backbone(tmp_path / "backbone.safetensors")
     ct = str(data_path("labeled/ircadb1.01_ct.nii.gz"))

@@ -32,15 +32,6 @@ def dice(a: np.ndarray, b: np.ndarray) -> float:
     return float(2 * np.logical_and(a, b).sum() / max(a.sum() + b.sum(), 1))
 
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """One thread: on a shared 2-core machine, two threads per process thrash (10x slower under load)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 @pytest.fixture(scope="module")
 def case():
     return read_volume(data_path("labeled/ircadb1.01_ct.nii.gz")), read_volume(data_path("labeled/ircadb1.01_organs.nii.gz"))
