@@ -82,15 +82,58 @@ def backbone_record(backbone) -> dict:
     }  # fmt: skip
 
 
+class FeatureStandardizer(nn.Module):
+    """Per-channel standardisation of each pyramid level, with statistics of the training features.
+
+    Frozen features have small, uneven spreads (random or pretrained), which leaves a linear probe badly
+    conditioned; scaling every channel to zero mean and unit variance (statistics stored as buffers, so they
+    travel with the probe file) lets one learning rate suit all channels.
+    """
+
+    def __init__(self, feature_channels: Sequence[int]) -> None:
+        super().__init__()
+        self.levels = len(feature_channels)
+        for level, channels in enumerate(feature_channels):
+            self.register_buffer(f"mean_{level}", torch.zeros(channels))
+            self.register_buffer(f"inv_std_{level}", torch.ones(channels))
+
+    @torch.no_grad()
+    def fit(self, pyramids: Sequence[Sequence[torch.Tensor]]) -> None:
+        """Set the statistics from cached pyramids (a list of per-patch pyramids)."""
+        for level in range(self.levels):
+            values = torch.cat([p[level].float().transpose(0, 1).reshape(p[level].shape[1], -1) for p in pyramids], 1)
+            getattr(self, f"mean_{level}").copy_(values.mean(1))
+            getattr(self, f"inv_std_{level}").copy_(1.0 / values.std(1).clamp_min(1e-6))
+
+    def forward(self, pyramid: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        shape = (1, -1, 1, 1, 1)
+        return [(level - getattr(self, f"mean_{i}").view(shape)) * getattr(self, f"inv_std_{i}").view(shape)
+                for i, level in enumerate(pyramid)]  # fmt: skip
+
+
+class StandardizedHead(nn.Module):
+    """A probe head applied to standardised features (see :class:`FeatureStandardizer`)."""
+
+    def __init__(self, head: nn.Module, feature_channels: Sequence[int]) -> None:
+        super().__init__()
+        self.standardize = FeatureStandardizer(feature_channels)
+        self.head = head
+
+    def forward(self, pyramid: Sequence[torch.Tensor]) -> torch.Tensor:
+        return self.head(self.standardize(pyramid))
+
+
 def build_head(kind: str, feature_channels: Sequence[int], num_classes: int, hidden: int = 64) -> nn.Module:
-    """A :class:`LinearProbeHead` or :class:`NonLinearProbeHead` for the given pyramid channels."""
+    """A :class:`LinearProbeHead` or :class:`NonLinearProbeHead` on standardised pyramid features."""
     from DiffusionSegLib.nets import LinearProbeHead, NonLinearProbeHead
 
     if kind == "linear":
-        return LinearProbeHead(feature_channels, num_classes)
-    if kind == "nonlinear":
-        return NonLinearProbeHead(feature_channels, num_classes, hidden)
-    raise ValueError(f"head {kind!r} is unknown; expected 'linear' or 'nonlinear'")
+        head: nn.Module = LinearProbeHead(feature_channels, num_classes)
+    elif kind == "nonlinear":
+        head = NonLinearProbeHead(feature_channels, num_classes, hidden)
+    else:
+        raise ValueError(f"head {kind!r} is unknown; expected 'linear' or 'nonlinear'")
+    return StandardizedHead(head, feature_channels)
 
 
 def _check_patch(cfg: ProbeConfig, divisor: int) -> None:
@@ -203,7 +246,9 @@ def fit_probe(cases: Sequence[tuple[sitk.Image, sitk.Image]], labels: Sequence[O
         target.classes.append(classes)
     del volumes
 
-    head = build_head(cfg.head, backbone.feature_channels, len(labels) + 1, cfg.hidden_channels).to(device)
+    head = build_head(cfg.head, backbone.feature_channels, len(labels) + 1, cfg.hidden_channels)
+    head.standardize.fit(train_cache.pyramids)
+    head = head.to(device)
     loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
     optimiser = torch.optim.AdamW(head.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     probe = TrainedProbe(head, cfg, labels, backbone_record(backbone))
