@@ -33,6 +33,8 @@ __all__ = [
     "library_version",
     "git_commit",
     "file_sha256",
+    "append_log",
+    "truncate_log",
 ]
 
 
@@ -153,3 +155,22 @@ def load_training_state(path: str | os.PathLike) -> dict[str, Any]:
         return torch.load(path, map_location="cpu", weights_only=False)
     except Exception as error:
         raise UserInputError(f"cannot read training checkpoint '{path}': {error}") from None
+
+
+def append_log(path: str | os.PathLike, record: dict[str, Any]) -> None:
+    """Append one JSON record to a training run's JSONL log."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as handle:
+        handle.write(json.dumps(record) + "\n")
+
+
+def truncate_log(path: str | os.PathLike, step: int) -> None:
+    """Drop log records past ``step`` (and end-of-run records): a run resumed from a snapshot at ``step``
+    logs those steps again."""
+    path = Path(path)
+    if not path.exists():
+        return
+    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    kept = [r for r in records if r.get("step", 0) <= step and not r.get("done")]
+    path.write_text("".join(json.dumps(r) + "\n" for r in kept))

@@ -25,7 +25,7 @@ import torch
 from DiffusionSegLib.bpr.model import BodyPartRegressor, BPRConfig, save_bpr
 from DiffusionSegLib.bpr.objective import bpr_objective
 from DiffusionSegLib.bpr.sampling import TrainingVolume, sample_crop_pairs
-from DiffusionSegLib.checkpoint import load_training_state, save_training_state
+from DiffusionSegLib.checkpoint import load_training_state, save_training_state, truncate_log
 from DiffusionSegLib.data.volume import read_volume
 from DiffusionSegLib.errors import UserInputError
 from DiffusionSegLib.preprocess import PreparedVolume, PreprocessConfig, prepare_volume
@@ -133,7 +133,7 @@ def fit_bpr(images: Sequence[ImageLike], cfg: BPRConfig, out_dir: str | os.PathL
         torch.set_rng_state(state["torch_rng"])
         step = int(state["step"])
         log.info("resuming BPR training from step %d (%s)", step, state_path)
-    _truncate_log(log_path, step)
+    truncate_log(log_path, step)
 
     volumes = load_training_volumes(images, cfg, progress)
     names = [v.name for v in volumes]
@@ -181,11 +181,3 @@ def fit_bpr(images: Sequence[ImageLike], cfg: BPRConfig, out_dir: str | os.PathL
         save()  # at exit, also on Ctrl-C or an error: the run resumes from here
     model.eval()
     return BPRFitResult(model, step, weights_path, history, time.perf_counter() - start)
-
-
-def _truncate_log(path: Path, step: int) -> None:
-    """Drop log lines past ``step`` (written after the last checkpoint of an interrupted run)."""
-    if not path.exists():
-        return
-    keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
-    path.write_text("".join(line + "\n" for line in keep))

@@ -9,7 +9,6 @@ run would. The frozen backbone is exported to ``backbone.safetensors`` with its 
 from __future__ import annotations
 
 import glob
-import json
 import logging
 import math
 import signal
@@ -23,7 +22,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
-from DiffusionSegLib.checkpoint import load_training_state, save_training_state
+from DiffusionSegLib.checkpoint import append_log, load_training_state, save_training_state, truncate_log
 from DiffusionSegLib.data.datasets import find_images
 from DiffusionSegLib.errors import UserInputError
 from DiffusionSegLib.pretrain.config import PretrainConfig
@@ -185,7 +184,7 @@ def _run(cfg: PretrainConfig, ctx: DistributedContext, resume: bool, max_steps_t
         torch.set_rng_state(state["torch_rng"][ctx.rank])
         step, val_loss = state["step"], state.get("val_loss")
         if ctx.is_main:
-            _truncate_log(out_dir / LOG_NAME, step)
+            truncate_log(out_dir / LOG_NAME, step)
             log.info("resumed %s at step %d", snapshot_path, step)
     model = DistributedDataParallel(method, find_unused_parameters=cfg.method == "contrastive") if ctx.enabled else method
 
@@ -235,7 +234,7 @@ def _run(cfg: PretrainConfig, ctx: DistributedContext, resume: bool, max_steps_t
                               "seconds": round(time.perf_counter() - started, 2)} | (record or {})  # fmt: skip
                     progress.set_postfix(loss=f"{mean:.4f}")
                     if ctx.is_main:
-                        _append_log(out_dir / LOG_NAME, record)
+                        append_log(out_dir / LOG_NAME, record)
                 if step % cfg.training.checkpoint_every == 0:
                     snapshot()
         except KeyboardInterrupt:
@@ -253,7 +252,7 @@ def _finish(cfg, ctx, method, step, losses, val_loss, export, bpr_path=None) -> 
     weights = None
     agree = _ranks_agree(ctx, method)
     if ctx.is_main:
-        _append_log(Path(cfg.output_dir) / LOG_NAME, {"step": step, "done": True, "ranks_agree": agree,
+        append_log(Path(cfg.output_dir) / LOG_NAME, {"step": step, "done": True, "ranks_agree": agree,
                                                        "world_size": ctx.world_size})  # fmt: skip
     if export and ctx.is_main:
         weights = export_backbone(Path(cfg.output_dir) / WEIGHTS_NAME, cfg, method.backbone, steps=step,
@@ -304,18 +303,3 @@ def _ranks_agree(ctx: DistributedContext, method: PretrainMethod) -> bool:
         return True
     digest = float(sum(p.detach().double().sum().item() * (i + 1) for i, p in enumerate(method.backbone.parameters())))
     return len(set(_gather(ctx, digest))) == 1
-
-
-def _append_log(path: Path, record: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as handle:
-        handle.write(json.dumps(record) + "\n")
-
-
-def _truncate_log(path: Path, step: int) -> None:
-    """Drop log records past the resumed step (they will be logged again)."""
-    if not path.exists():
-        return
-    kept = [line for line in path.read_text().splitlines() if line and json.loads(line).get("step", 0) <= step
-            and not json.loads(line).get("done")]  # fmt: skip
-    path.write_text("".join(line + "\n" for line in kept))

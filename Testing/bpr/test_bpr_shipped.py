@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
-import pytest
 import SimpleITK as sitk
-import torch
 from helpers import data_path
 from scipy.stats import spearmanr
 

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import pytest
 import SimpleITK as sitk
-import torch
 from features.tiny_backbone import make_backbone
 from helpers import data_path
 

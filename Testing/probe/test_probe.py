@@ -5,7 +5,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import SimpleITK as sitk
-import torch
 from features.tiny_backbone import make_backbone
 from helpers import data_path
 
