@@ -67,14 +67,26 @@ def file_sha256(path: str | os.PathLike) -> str:
     return digest.hexdigest()
 
 
-def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
-    """Call ``write(temporary_path)`` and move the result to ``path`` only once it is complete."""
+def _default_file_mode() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[str], None], suffix: str = ".tmp") -> Path:
+    """Call ``write(temporary_path)`` and move the result to ``path`` only once it is complete.
+
+    The temporary file sits beside ``path`` (same file system, so the move is atomic) and ends in ``suffix``
+    (writers that pick the format from the extension need the real one). The result gets the permissions of a
+    normally created file (``mkstemp`` would leave it readable by its owner only).
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
     os.close(handle)
     try:
         write(temporary)
+        os.chmod(temporary, _default_file_mode())
         os.replace(temporary, path)
     finally:
         if os.path.exists(temporary):

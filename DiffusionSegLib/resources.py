@@ -11,9 +11,12 @@ from pathlib import Path
 
 from DiffusionSegLib.errors import UserInputError
 
-__all__ = ["resources_dir", "sample_ct_path", "SAMPLE_CT_NAME"]
+__all__ = ["resources_dir", "sample_ct_path", "default_backbone_path", "default_probe_path", "SAMPLE_CT_NAME",
+           "DEFAULT_BACKBONE_NAME", "DEFAULT_PROBE_NAME"]
 
 SAMPLE_CT_NAME = "totalseg_example_ct.nii.gz"
+DEFAULT_BACKBONE_NAME = "backbone_default.safetensors"
+DEFAULT_PROBE_NAME = "probe_btcv13_default.safetensors"
 
 
 def resources_dir() -> Path:
@@ -28,3 +31,20 @@ def sample_ct_path() -> Path:
     if not path.is_file():
         raise UserInputError(f"the bundled sample CT is missing: {path} (set DIFFUSIONSEG_RESOURCES to Resources/)")
     return path
+
+
+def _shipped_model(name: str, what: str) -> Path:
+    path = resources_dir() / "Models" / name
+    if not path.is_file():
+        raise UserInputError(f"the shipped {what} is missing: {path} (set DIFFUSIONSEG_RESOURCES to Resources/)")
+    return path
+
+
+def default_backbone_path() -> Path:
+    """The shipped default backbone (diffusion + BPR pretraining, ``configs/pretrain_default.toml``)."""
+    return _shipped_model(DEFAULT_BACKBONE_NAME, "default backbone")
+
+
+def default_probe_path() -> Path:
+    """The shipped default probe: the 13 BTCV abdominal organs on the default backbone."""
+    return _shipped_model(DEFAULT_PROBE_NAME, "default 13-organ probe")

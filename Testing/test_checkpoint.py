@@ -30,3 +30,16 @@ def test_damaged_or_missing_files_are_refused_and_failed_writes_keep_the_old_fil
         load_weights(tmp_path / "bad.safetensors")
     with pytest.raises(UserInputError, match="not found"):
         load_weights(tmp_path / "none.safetensors")
+
+
+def test_atomic_writes_get_normal_permissions(tmp_path):
+    """Shipped or shared files must be readable by others: the temporary file's 0600 must not survive."""
+    import os
+    import stat
+
+    previous = os.umask(0o022)
+    try:
+        path = save_weights(tmp_path / "w.safetensors", {"a": torch.zeros(2)}, kind="probe", config={})
+    finally:
+        os.umask(previous)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o644

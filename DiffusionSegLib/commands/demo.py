@@ -1,8 +1,8 @@
 """Run the main job on the bundled sample CT with the shipped defaults and say what was written.
 
-Until the default backbone and probe are shipped, the demo runs the preprocessing pipeline (orientation, body
-crop, resampling), checks that its inverse lands exactly on the input grid, and writes the anatomical
-coordinate map of the shipped Body Part Regressor on the input grid.
+The shipped default backbone (diffusion + BPR) and 13-organ BTCV probe segment the sample CT (or ``--input``);
+the demo writes the label map (NIfTI and Slicer ``.seg.nrrd``), the BPR coordinate map and a PNG preview
+(axial and coronal overlays), all on the exact input grid, and prints how long each stage took.
 """
 
 from __future__ import annotations
@@ -15,58 +15,94 @@ import numpy as np
 import SimpleITK as sitk
 
 from DiffusionSegLib.data.volume import read_volume, same_grid, volume_info, write_volume
-from DiffusionSegLib.preprocess import prepare_volume, to_input_grid
-from DiffusionSegLib.resources import sample_ct_path
+from DiffusionSegLib.errors import UserInputError
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-o", "--output-dir", default="diffusionseg-demo", help="folder for the outputs")
     parser.add_argument("--input", default=None, help="a CT to use instead of the bundled sample")
+    parser.add_argument("--probe", default=None, help="a probe to use instead of the shipped 13-organ probe")
+    parser.add_argument("--backbone", default=None, help="its backbone (default: the one the probe records)")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="where the networks run")
+
+
+class _Stages:
+    """Wall time of each named stage, in order."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    def run(self, name: str, function, *args, **kwargs):
+        start = time.perf_counter()
+        value = function(*args, **kwargs)
+        self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
+        return value
+
+
+def _preview(image: sitk.Image, labels: sitk.Image, organs, path: Path, title: str) -> Path:
+    from DiffusionSegLib.evaluate.plots import plot_overlay_preview
+
+    ct_lps, labels_lps = sitk.DICOMOrient(image, "LPS"), sitk.DICOMOrient(labels, "LPS")
+    return plot_overlay_preview(sitk.GetArrayFromImage(ct_lps), sitk.GetArrayFromImage(labels_lps), organs, path,
+                                spacing_mm=ct_lps.GetSpacing(), title=title)  # fmt: skip
 
 
 def run(args: argparse.Namespace) -> int:
-    timings: dict[str, float] = {}
-    out_dir = Path(args.output_dir)
-    source = Path(args.input) if args.input else sample_ct_path()
+    from DiffusionSegLib.bpr import load_bpr, predict_body_coordinates
+    from DiffusionSegLib.features import resolve_device
+    from DiffusionSegLib.preprocess import prepare_volume
+    from DiffusionSegLib.pretrain.export import load_backbone
+    from DiffusionSegLib.probe import find_probe_backbone, load_probe, segment, write_segmentation
+    from DiffusionSegLib.resources import default_probe_path, sample_ct_path
 
-    start = time.perf_counter()
-    image = read_volume(source)
-    timings["read"] = time.perf_counter() - start
+    out_dir = Path(args.output_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UserInputError(f"output folder '{out_dir}' is a file; expected a folder (it is created if missing)")
+    source = Path(args.input) if args.input else sample_ct_path()
+    stages = _Stages()
+    started = time.perf_counter()
+
+    image = stages.run("read", read_volume, source)
     info = volume_info(image)
     print(f"input     {source}: {' x '.join(map(str, info['size']))} voxels, "
-          f"{' x '.join(f'{s:g}' for s in info['spacing_mm'])} mm, {info['orientation']}")  # fmt: skip
+          f"{' x '.join(f'{s:g}' for s in info['spacing_mm'])} mm, {info['orientation']}", flush=True)  # fmt: skip
 
-    start = time.perf_counter()
-    prepared = prepare_volume(image)
-    timings["preprocess"] = time.perf_counter() - start
+    probe_path = Path(args.probe) if args.probe else default_probe_path()
+    backbone = stages.run("load models", load_backbone, args.backbone or find_probe_backbone(probe_path))
+    probe = stages.run("load models", load_probe, probe_path, backbone)
+    bpr, _ = stages.run("load models", load_bpr, backbone.pretrain.bpr_weights or None)
+    print(f"models    backbone {backbone.path.name} ({backbone.pretrain.method}"
+          f"{' + BPR' if backbone.use_bpr else ''}), probe {probe_path.name} ({len(probe.labels)} organs, "
+          f"{probe.config.head} head)", flush=True)  # fmt: skip
 
-    start = time.perf_counter()
-    body = sitk.Cast(prepared.image > prepared.config.body_threshold_hu, sitk.sitkUInt8)
-    body_on_input = to_input_grid(body, prepared, "nearest")
-    timings["map back"] = time.perf_counter() - start
-    if not same_grid(body_on_input, image):
-        raise RuntimeError("the inverse pipeline did not land on the input grid")
+    result = segment(image, probe, backbone, largest_component=True, device=args.device, bpr=bpr)
+    for stage in ("prepare", "features", "to_input_grid", "cleanup"):
+        stages.seconds[{"prepare": "preprocess + BPR input", "features": "backbone + probe",
+                        "to_input_grid": "to input grid", "cleanup": "largest components"}[stage]] = result.seconds[stage]  # fmt: skip
+    if not same_grid(result.labels, image):
+        raise RuntimeError("the segmentation did not land on the input grid")
 
-    from DiffusionSegLib.bpr import load_bpr, predict_body_coordinates
+    prepared = stages.run("coordinate map", prepare_volume, image)
+    coordinates = stages.run("coordinate map", predict_body_coordinates, prepared, bpr)
 
-    start = time.perf_counter()
-    bpr, _ = load_bpr()
-    timings["load BPR"] = time.perf_counter() - start
-    start = time.perf_counter()
-    coordinates = predict_body_coordinates(prepared, bpr)
-    timings["coordinates"] = time.perf_counter() - start
+    nifti = stages.run("write", write_segmentation, result, out_dir / "segmentation.nii.gz")
+    seg_nrrd = stages.run("write", write_segmentation, result, out_dir / "segmentation.seg.nrrd")
+    coords_path = stages.run("write", write_volume, coordinates, out_dir / "coordinates.nii.gz")
+    png = stages.run("preview", _preview, image, result.labels, result.organs, out_dir / "preview.png",
+                     f"DiffusionSeg: {source.name}")  # fmt: skip
+    total = time.perf_counter() - started
 
-    start = time.perf_counter()
-    coords_path = write_volume(coordinates, out_dir / "coordinates.nii.gz")
-    working_path = write_volume(prepared.image, out_dir / "working_volume.nii.gz")
-    mask_path = write_volume(body_on_input, out_dir / "body_mask.nii.gz")
-    timings["write"] = time.perf_counter() - start
-
-    fraction = float(np.mean(sitk.GetArrayViewFromImage(body_on_input)))
-    print(f"wrote     {working_path}: working grid {' x '.join(map(str, prepared.image.GetSize()))} voxels at "
-          f"{' x '.join(f'{s:g}' for s in prepared.config.spacing_mm)} mm (HU, LPS, cropped to the body)")  # fmt: skip
-    print(f"wrote     {mask_path}: body mask on the exact input grid ({100 * fraction:.1f}% of voxels)")
+    array = sitk.GetArrayViewFromImage(result.labels)
+    voxel_ml = float(np.prod(image.GetSpacing())) / 1000.0
+    found = [(o.name, float(np.count_nonzero(array == o.value)) * voxel_ml) for o in result.organs]
+    print(f"organs    {', '.join(f'{name} {ml:.0f} ml' for name, ml in found if ml > 0)}")
+    missing = [name for name, ml in found if ml == 0]
+    if missing:
+        print(f"          not found: {', '.join(missing)}")
+    print(f"wrote     {nifti}: label map on the exact input grid (ids as in the BTCV legend)")
+    print(f"wrote     {seg_nrrd}: Slicer segmentation (named, coloured segments with terminology)")
     print(f"wrote     {coords_path}: anatomical coordinates (3 components: R→L, A→P, I→S, mm) on the input grid")
-    print("timings   " + ", ".join(f"{stage} {seconds:.2f} s" for stage, seconds in timings.items()))
-    print("note      no default backbone and probe are shipped yet: the demo ran preprocessing and coordinates only")
+    print(f"wrote     {png}: axial and coronal overlays")
+    print("timings   " + ", ".join(f"{stage} {seconds:.2f} s" for stage, seconds in stages.seconds.items()))
+    print(f"total     {total:.1f} s on {resolve_device(args.device).type}, model loading included")
     return 0

@@ -1,21 +1,21 @@
 """Segment a CT with a trained probe; the label map is written exactly on the input grid.
 
 ``OUT.seg.nrrd`` gives a Slicer segmentation (named, coloured segments with terminology); ``OUT.nii.gz`` (or
-``.nrrd``/``.mha``) a plain label map. The backbone defaults to the one the probe recorded, when it still exists.
+``.nrrd``/``.mha``) a plain label map. Without ``--probe`` the shipped 13-organ BTCV probe is used; the backbone
+defaults to the one the probe recorded (or the shipped default backbone when the hashes match).
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
-from pathlib import Path
 
 log = logging.getLogger(__name__)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("volume", help="input CT: NIfTI / NRRD / MHA file or a DICOM series folder")
-    parser.add_argument("--probe", required=True, help="probe file from train-probe")
+    parser.add_argument("--probe", help="probe file from train-probe (default: the shipped 13-organ BTCV probe)")
     parser.add_argument("--backbone", help="backbone weights (default: the path the probe recorded)")
     parser.add_argument("-o", "--output", required=True, help="output label map (.seg.nrrd, .nii.gz, .nrrd, .mha)")
     parser.add_argument("--largest-component", action="store_true", help="keep each organ's largest component")
@@ -31,7 +31,8 @@ def run(args: argparse.Namespace) -> int:
     from DiffusionSegLib.data.volume import read_volume
     from DiffusionSegLib.errors import UserInputError
     from DiffusionSegLib.pretrain.export import load_backbone
-    from DiffusionSegLib.probe import load_probe, read_probe_config, segment, write_segmentation
+    from DiffusionSegLib.probe import find_probe_backbone, load_probe, segment, write_segmentation
+    from DiffusionSegLib.resources import default_probe_path
 
     if not args.output.lower().endswith((".seg.nrrd", ".nii.gz", ".nii", ".nrrd", ".mha")):
         raise UserInputError(f"cannot write '{args.output}': expected .seg.nrrd, .nii.gz, .nii, .nrrd or .mha")
@@ -39,14 +40,9 @@ def run(args: argparse.Namespace) -> int:
         raise UserInputError(f"--overlap {args.overlap} is invalid; expected a value in [0, 1)")
     if args.draws is not None and args.draws < 1:
         raise UserInputError(f"--draws {args.draws} is invalid; expected at least 1")
-    backbone_path = args.backbone
-    if backbone_path is None:
-        recorded = read_probe_config(args.probe)["backbone"].get("path")
-        if not recorded or not Path(recorded).is_file():
-            raise UserInputError(f"the probe's backbone '{recorded}' is not found; pass it with --backbone")
-        backbone_path = recorded
-    backbone = load_backbone(backbone_path)
-    probe = load_probe(args.probe, backbone)
+    probe_path = args.probe or default_probe_path()
+    backbone = load_backbone(args.backbone or find_probe_backbone(probe_path))
+    probe = load_probe(probe_path, backbone)
     image = read_volume(args.volume)
     result = segment(image, probe, backbone, largest_component=args.largest_component,
                      uncertainty=bool(args.uncertainty), num_noise_draws=args.draws, overlap=args.overlap,

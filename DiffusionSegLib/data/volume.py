@@ -8,7 +8,6 @@ SimpleITK's ``(z, y, x)`` order; spacing tuples are in ITK's ``(x, y, z)`` order
 from __future__ import annotations
 
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -139,17 +138,10 @@ def write_volume(image: sitk.Image, path: str | os.PathLike, *, compress: bool =
     suffix = _suffix(path)
     if suffix not in WRITE_SUFFIXES:
         raise UserInputError(f"cannot write '{path.name}': expected a name ending in {', '.join(WRITE_SUFFIXES)}")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".nrrd" if suffix == ".seg.nrrd" else suffix,
-                                         dir=path.parent)  # fmt: skip
-    os.close(handle)
-    try:
-        sitk.WriteImage(image, temporary, useCompression=compress)
-        os.replace(temporary, path)
-    finally:
-        if os.path.exists(temporary):
-            os.unlink(temporary)
-    return path
+    from DiffusionSegLib.checkpoint import atomic_write
+
+    return atomic_write(path, lambda temporary: sitk.WriteImage(image, temporary, useCompression=compress),
+                        suffix=".nrrd" if suffix == ".seg.nrrd" else suffix)
 
 
 def check_volume(image: sitk.Image, name: str = "volume") -> None:

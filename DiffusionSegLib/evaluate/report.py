@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -46,18 +45,10 @@ Score = tuple[float, float | None]  # (mean, std or None)
 
 
 def _atomic_write_bytes(path: Path, data: bytes) -> Path:
-    """Write ``data`` to a temporary file next to ``path``, then rename it over ``path`` (never half-written)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(handle, "wb") as stream:
-            stream.write(data)
-        os.replace(temporary, path)
-    finally:
-        if os.path.exists(temporary):
-            os.unlink(temporary)
-    return path
+    """Write ``data`` to ``path`` atomically (see :func:`DiffusionSegLib.checkpoint.atomic_write`)."""
+    from DiffusionSegLib.checkpoint import atomic_write
+
+    return atomic_write(path, lambda temporary: Path(temporary).write_bytes(data))
 
 
 def to_json_safe(value: Any) -> Any:

@@ -58,7 +58,7 @@ class FeatureConfig:
 
     timestep: int = 0
     """Diffusion step t in [0, T - 1] at which the CT is noised (ignored by non-diffusion backbones). With the
-    default T = 10 linear schedule, alpha_bar is 0.90 at t = 0 and 0.66 at t = 1: small t keeps the anatomy."""
+    default T = 10 ``ddpm_linear`` schedule, alpha_bar is 0.9999 at t = 0 and 0.90 at t = 9: the anatomy stays."""
     noise_seed: int = 0
     """Seed of the whole-volume noise field: same seed, same features."""
     num_noise_draws: int = 1

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from DiffusionSegLib.probe.config import HEADS, ProbeConfig
-from DiffusionSegLib.probe.io import check_backbone, load_probe, read_probe_config, save_probe
+from DiffusionSegLib.probe.io import check_backbone, find_probe_backbone, load_probe, read_probe_config, save_probe
 from DiffusionSegLib.probe.segment import (
     SegmentationCancelled,
     SegmentationResult,
@@ -24,6 +24,7 @@ __all__ = [
     "backbone_record",
     "build_head",
     "check_backbone",
+    "find_probe_backbone",
     "fit_probe",
     "keep_largest_components",
     "load_probe",

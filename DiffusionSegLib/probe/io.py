@@ -17,7 +17,7 @@ from DiffusionSegLib.errors import UserInputError
 from DiffusionSegLib.probe.config import ProbeConfig
 from DiffusionSegLib.probe.train import TrainedProbe, build_head
 
-__all__ = ["save_probe", "load_probe", "read_probe_config", "check_backbone"]
+__all__ = ["save_probe", "load_probe", "read_probe_config", "check_backbone", "find_probe_backbone"]
 
 PROBE_FORMAT = 1
 
@@ -62,6 +62,25 @@ def check_backbone(record: dict, backbone, source: str = "the probe") -> None:
             f"), not on '{Path(backbone.path).name}' ({backbone.sha256[:12]}…); its features differ — use the "
             "backbone it was trained on or train a new probe"
         )
+
+
+def find_probe_backbone(probe_path: str | os.PathLike) -> Path:
+    """The backbone file a probe was trained on: the path it recorded, else the shipped default backbone when its
+    hash matches (shipped probes record the path they were trained from, which a user's install lacks).
+
+    Raises:
+        UserInputError: neither exists with the recorded hash; the caller should ask for the backbone.
+    """
+    from DiffusionSegLib.checkpoint import file_sha256
+    from DiffusionSegLib.resources import DEFAULT_BACKBONE_NAME, resources_dir
+
+    record = read_probe_config(probe_path)["backbone"]
+    candidates = [Path(str(record.get("path", ""))), resources_dir() / "Models" / DEFAULT_BACKBONE_NAME]
+    for candidate in candidates:
+        if str(candidate) and candidate.is_file() and file_sha256(candidate) == record.get("sha256"):
+            return candidate
+    raise UserInputError(f"the backbone of probe '{Path(probe_path).name}' ({Path(str(record.get('path'))).name}, "
+                         f"sha256 {str(record.get('sha256'))[:12]}…) is not found; pass it with --backbone")
 
 
 def load_probe(path: str | os.PathLike, backbone=None) -> TrainedProbe:

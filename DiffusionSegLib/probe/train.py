@@ -137,7 +137,7 @@ def build_head(kind: str, feature_channels: Sequence[int], num_classes: int, hid
 
 
 def _check_patch(cfg: ProbeConfig, divisor: int) -> None:
-    bad = [s for s in cfg.patch_size_vox if s % divisor]
+    bad = [s for s in (*cfg.patch_size_vox, *(cfg.train_crop or ())) if s % divisor]
     if bad:
         raise UserInputError(f"patch size {cfg.patch_size_vox} is not a multiple of {divisor} (the backbone's size "
                              "divisor) along every axis")  # fmt: skip
@@ -164,10 +164,27 @@ class _Cache:
     def __len__(self) -> int:
         return len(self.classes)
 
-    def batch(self, indices: Sequence[int], device: torch.device) -> tuple[list[torch.Tensor], torch.Tensor]:
+    def batch(self, indices: Sequence[int], device: torch.device, crop: Sequence[int] | None = None,
+              rng: np.random.Generator | None = None) -> tuple[list[torch.Tensor], torch.Tensor]:  # fmt: skip
+        """Stack cached patches, or a random crop of each (origins on the coarsest level's grid) when ``crop``."""
         levels = len(self.pyramids[0])
-        pyramid = [torch.cat([self.pyramids[i][level] for i in indices]).to(device).float() for level in range(levels)]
-        return pyramid, torch.cat([self.classes[i] for i in indices]).to(device)
+        boxes = [None] * len(indices)
+        if crop is not None:
+            stride = 2 ** (levels - 1)
+            shape = self.classes[indices[0]].shape[2:]
+            boxes = [[int(rng.integers(0, (n - c) // stride + 1)) * stride for n, c in zip(shape, crop)]
+                     for _ in indices]  # fmt: skip
+
+        def cut(tensor: torch.Tensor, box, scale: int) -> torch.Tensor:
+            if box is None:
+                return tensor
+            z, y, x = (b // scale for b in box)
+            d, h, w = (c // scale for c in crop)
+            return tensor[:, :, z : z + d, y : y + h, x : x + w]
+
+        pyramid = [torch.cat([cut(self.pyramids[i][level], box, 2**level) for i, box in zip(indices, boxes)])
+                   .to(device).float() for level in range(levels)]  # fmt: skip
+        return pyramid, torch.cat([cut(self.classes[i], box, 1) for i, box in zip(indices, boxes)]).to(device)
 
 
 def fit_probe(cases: Sequence[tuple[sitk.Image, sitk.Image]], labels: Sequence[OrganLabel], backbone,
@@ -234,6 +251,7 @@ def fit_probe(cases: Sequence[tuple[sitk.Image, sitk.Image]], labels: Sequence[O
         origins = sample_patch_origins(volume.classes, cfg.patch_size_vox, cfg.patches_per_volume, rng)
         jobs += [(v, origin) for origin in origins]
     n_val = 0 if held_out else (max(1, int(round(cfg.val_fraction * len(jobs)))) if cfg.val_fraction > 0 else 0)
+    n_val = min(n_val, cfg.max_val_patches)
     val_jobs = set(rng.choice(len(jobs), n_val, replace=False).tolist()) if n_val else set()
     for j, (v, origin) in enumerate(jobs):
         if stop():
@@ -249,7 +267,7 @@ def fit_probe(cases: Sequence[tuple[sitk.Image, sitk.Image]], labels: Sequence[O
     head = build_head(cfg.head, backbone.feature_channels, len(labels) + 1, cfg.hidden_channels)
     head.standardize.fit(train_cache.pyramids)
     head = head.to(device)
-    loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
+    loss_fn = DiceCELoss(to_onehot_y=True, softmax=True, batch=True)  # Dice over the batch: crops lack organs
     optimiser = torch.optim.AdamW(head.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     probe = TrainedProbe(head, cfg, labels, backbone_record(backbone))
     best_state, best_loss, since_best, losses = copy.deepcopy(head.state_dict()), float("inf"), 0, []
@@ -262,8 +280,8 @@ def fit_probe(cases: Sequence[tuple[sitk.Image, sitk.Image]], labels: Sequence[O
                 raise ProbeTrainingCancelled("probe training cancelled before the first step")
             break
         head.train()
-        indices = rng.choice(len(train_cache), size=min(cfg.batch_size, len(train_cache)), replace=False)
-        pyramid, target = train_cache.batch(indices.tolist(), device)
+        indices = rng.choice(len(train_cache), size=cfg.batch_size, replace=cfg.batch_size > len(train_cache))
+        pyramid, target = train_cache.batch(indices.tolist(), device, cfg.train_crop, rng)
         loss = loss_fn(head(pyramid), target)
         optimiser.zero_grad(set_to_none=True)
         loss.backward()

