@@ -106,16 +106,14 @@ def userProbeFolder() -> Path:
 def readWeightsMetadata(path: str | os.PathLike) -> dict:
     """The metadata of a DiffusionSeg ``.safetensors`` file (``kind``, ``config`` decoded), read from its JSON
     header without torch. Returns ``{}`` for a file that is not one."""
+    from DiffusionSegLib.checkpoint import read_weights_header
+    from DiffusionSegLib.errors import UserInputError
+
     try:
-        with open(path, "rb") as handle:
-            size = int.from_bytes(handle.read(8), "little")
-            if not 0 < size < 100_000_000:
-                return {}
-            metadata = dict(json.loads(handle.read(size)).get("__metadata__") or {})
-        metadata["config"] = json.loads(metadata.get("config", "{}"))
-        return metadata
-    except (OSError, ValueError, AttributeError):
+        config, metadata = read_weights_header(path)
+    except UserInputError:
         return {}
+    return dict(metadata, config=config)
 
 
 def parseProgressLine(line: str) -> tuple[float, str] | None:
@@ -555,20 +553,17 @@ class DiffusionSegLogic(ScriptedLoadableModuleLogic):
 
     def resolveBackbone(self, probePath: str | os.PathLike, backbonePath: str | os.PathLike | None = None) -> Path:
         """The backbone a probe runs on: the given file, else the recorded one, else a model file with its hash."""
-        from DiffusionSegLib.checkpoint import file_sha256
+        from DiffusionSegLib.checkpoint import find_weights
 
         if backbonePath:
             return Path(backbonePath)
         record = readWeightsMetadata(probePath).get("config", {}).get("backbone", {})
-        recorded = Path(str(record.get("path", "")))
-        candidates = [recorded] + [p for folder in self.modelFolders() if folder.is_dir()
-                                   for p in sorted(folder.glob("*.safetensors"))]  # fmt: skip
-        for candidate in candidates:
-            if candidate.is_file() and readWeightsMetadata(candidate).get("kind") == "backbone" \
-                    and file_sha256(candidate) == record.get("sha256"):  # fmt: skip
-                return candidate
-        raise ValueError(f"the backbone of probe '{Path(probePath).name}' ({recorded.name}) was not found; "
-                         "choose its file in 'Model (backbone)'")  # fmt: skip
+        recorded = str(record.get("path", ""))
+        found = find_weights(str(record.get("sha256")), "backbone", [recorded], self.modelFolders())
+        if found is None:
+            raise ValueError(f"the backbone of probe '{Path(probePath).name}' ({Path(recorded).name}) was not found; "
+                             "choose its file in 'Model (backbone)'")  # fmt: skip
+        return found
 
     # -- preparing tasks ----------------------------------------------------------------------------------------
 

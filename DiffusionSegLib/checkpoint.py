@@ -18,7 +18,7 @@ import json
 import os
 import subprocess
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -118,6 +118,56 @@ def save_weights(path: str | os.PathLike, state_dict: dict, *, kind: str, config
     return atomic_write(path, lambda temporary: save_file(tensors, temporary, metadata=metadata))
 
 
+def read_weights_header(path: str | os.PathLike, kind: str | None = None) -> tuple[dict, dict]:
+    """The config and metadata of a weights file from its JSON header alone: no tensors read, no torch imported
+    (what listing and matching files needs, also inside Slicer's GUI process).
+
+    Returns:
+        ``(config, metadata)``; ``metadata`` holds ``kind``, ``extra`` (decoded), ``version``, ``git_commit``.
+
+    Raises:
+        UserInputError: the file is missing, damaged, not a DiffusionSeg weights file, or of another kind.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise UserInputError(f"weights file not found: {path}")
+    try:
+        with open(path, "rb") as handle:
+            size = int.from_bytes(handle.read(8), "little")
+            if not 0 < size < 100_000_000:
+                raise ValueError(f"header size {size} is implausible")
+            raw = dict(json.loads(handle.read(size)).get("__metadata__") or {})
+        config = json.loads(raw["config"]) if "config" in raw else None
+        extra = json.loads(raw.get("extra", "{}"))
+    except (OSError, ValueError, AttributeError) as error:
+        raise UserInputError(f"cannot read weights '{path}': {error}") from None
+    if "kind" not in raw or config is None:
+        raise UserInputError(f"'{path}' is not a DiffusionSeg weights file (no kind/config metadata)")
+    if kind is not None and raw["kind"] != kind:
+        raise UserInputError(f"'{path}' holds a {raw['kind']} model; expected a {kind} model")
+    metadata = {key: value for key, value in raw.items() if key != "config"}
+    metadata["extra"] = extra
+    return config, metadata
+
+
+def find_weights(sha256: str, kind: str, candidates: Sequence[str | os.PathLike] = (),
+                 folders: Sequence[str | os.PathLike] = ()) -> Path | None:  # fmt: skip
+    """The first weights file of ``kind`` whose sha256 is ``sha256``: among ``candidates``, then the
+    ``*.safetensors`` files of ``folders`` (sorted). Headers and hashes only; None when there is none."""
+    paths = [Path(c) for c in candidates if str(c)]
+    paths += [p for folder in map(Path, folders) if folder.is_dir() for p in sorted(folder.glob("*.safetensors"))]
+    for path in paths:
+        if not path.is_file():
+            continue
+        try:
+            found_kind = read_weights_header(path)[1]["kind"]
+        except UserInputError:
+            continue
+        if found_kind == kind and file_sha256(path) == sha256:
+            return path
+    return None
+
+
 def load_weights(path: str | os.PathLike, kind: str | None = None) -> tuple[dict, dict, dict]:
     """Read a weights file written by :func:`save_weights`.
 
@@ -127,25 +177,14 @@ def load_weights(path: str | os.PathLike, kind: str | None = None) -> tuple[dict
     Raises:
         UserInputError: the file is missing, not a DiffusionSeg weights file, or of another kind.
     """
-    from safetensors import safe_open
     from safetensors.torch import load_file
 
-    path = Path(path)
-    if not path.is_file():
-        raise UserInputError(f"weights file not found: {path}")
+    config, metadata = read_weights_header(path, kind)
     try:
-        with safe_open(str(path), framework="pt") as handle:
-            raw = handle.metadata() or {}
         state_dict = load_file(str(path))
     except Exception as error:  # safetensors raises several types for damaged files
         raise UserInputError(f"cannot read weights '{path}': {error}") from None
-    if "kind" not in raw or "config" not in raw:
-        raise UserInputError(f"'{path}' is not a DiffusionSeg weights file (no kind/config metadata)")
-    if kind is not None and raw["kind"] != kind:
-        raise UserInputError(f"'{path}' holds a {raw['kind']} model; expected a {kind} model")
-    metadata = {key: value for key, value in raw.items() if key != "config"}
-    metadata["extra"] = json.loads(raw.get("extra", "{}"))
-    return state_dict, json.loads(raw["config"]), metadata
+    return state_dict, config, metadata
 
 
 def save_training_state(path: str | os.PathLike, state: dict[str, Any]) -> Path:

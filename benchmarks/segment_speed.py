@@ -100,10 +100,8 @@ def run_ours(volume: Path, probe_path: Path, backbone_path: Path, device: torch.
     with memory.measure("ours: load models", times):
         backbone = load_backbone(backbone_path)
         probe = load_probe(probe_path, backbone)
-    marks: list[tuple[float, str]] = []
     with memory.measure("ours: segment", times):
-        result = segment(image, probe, backbone, device=str(device),
-                         progress_callback=lambda f, m: marks.append((time.perf_counter(), m)))  # fmt: skip
+        result = segment(image, probe, backbone, device=str(device))
     with memory.measure("ours: write", times):
         write_segmentation(result, out_dir / "ours.seg.nrrd")
     stages = {"prepare + BPR": result.seconds["prepare"], "backbone + probe": result.seconds["features"],
@@ -155,12 +153,14 @@ def run_monai_baseline(volume: Path, backbone, probe, device: torch.device, out_
         labels_xyz = inverted.argmax(0).to(torch.uint8).numpy()
         del out, inverted, probabilities
     with memory.measure("MONAI: write", times):
-        reference = sitk.ReadImage(str(volume))
-        labels = sitk.GetImageFromArray(np.ascontiguousarray(labels_xyz.transpose(2, 1, 0)))
-        labels.CopyInformation(reference)
-        values = np.asarray([0] + [o.value for o in probe.labels], np.uint8)
-        labels = sitk.GetImageFromArray(values[sitk.GetArrayFromImage(labels)])
-        labels.CopyInformation(reference)
+        values = np.asarray([0] + [o.value for o in probe.labels], np.uint8)  # class index -> organ id
+        labels = sitk.GetImageFromArray(values[labels_xyz.transpose(2, 1, 0)])
+        header = sitk.ImageFileReader()  # the input's geometry, without reading its voxels again
+        header.SetFileName(str(volume))
+        header.ReadImageInformation()
+        labels.SetOrigin(header.GetOrigin())
+        labels.SetSpacing(header.GetSpacing())
+        labels.SetDirection(header.GetDirection())
         write_volume(labels, out_dir / "monai.nii.gz")
     return {"labels": labels, "times": times, "grid": list(hu_zyx.shape)}
 

@@ -26,6 +26,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="where the networks run")
 
 
+SEGMENT_STAGES = {"prepare": "preprocess + BPR", "features": "backbone + probe", "to_input_grid": "to input grid",
+                  "cleanup": "largest components"}  # fmt: skip
+"""``segment``'s timed stages and their names in the demo's report."""
+
+
 class _Stages:
     """Wall time of each named stage, in order."""
 
@@ -48,9 +53,8 @@ def _preview(image: sitk.Image, labels: sitk.Image, organs, path: Path, title: s
 
 
 def run(args: argparse.Namespace) -> int:
-    from DiffusionSegLib.bpr import load_bpr, predict_body_coordinates
+    from DiffusionSegLib.bpr import load_bpr
     from DiffusionSegLib.features import resolve_device
-    from DiffusionSegLib.preprocess import prepare_volume
     from DiffusionSegLib.pretrain.export import load_backbone
     from DiffusionSegLib.probe import find_probe_backbone, load_probe, segment, write_segmentation
     from DiffusionSegLib.resources import default_probe_path, sample_ct_path
@@ -75,19 +79,18 @@ def run(args: argparse.Namespace) -> int:
           f"{' + BPR' if backbone.use_bpr else ''}), probe {probe_path.name} ({len(probe.labels)} organs, "
           f"{probe.config.head} head)", flush=True)  # fmt: skip
 
-    result = segment(image, probe, backbone, largest_component=True, device=args.device, bpr=bpr)
-    for stage in ("prepare", "features", "to_input_grid", "cleanup"):
-        stages.seconds[{"prepare": "preprocess + BPR input", "features": "backbone + probe",
-                        "to_input_grid": "to input grid", "cleanup": "largest components"}[stage]] = result.seconds[stage]  # fmt: skip
+    result = segment(image, probe, backbone, largest_component=True, device=args.device, bpr=bpr,
+                     coordinates=backbone.use_bpr)  # the map the backbone was fed; a backbone without BPR has none
+    for stage, name in SEGMENT_STAGES.items():
+        stages.seconds[name] = result.seconds[stage]
     if not same_grid(result.labels, image):
         raise RuntimeError("the segmentation did not land on the input grid")
 
-    prepared = stages.run("coordinate map", prepare_volume, image)
-    coordinates = stages.run("coordinate map", predict_body_coordinates, prepared, bpr)
-
     nifti = stages.run("write", write_segmentation, result, out_dir / "segmentation.nii.gz")
     seg_nrrd = stages.run("write", write_segmentation, result, out_dir / "segmentation.seg.nrrd")
-    coords_path = stages.run("write", write_volume, coordinates, out_dir / "coordinates.nii.gz")
+    coords_path = None
+    if result.coordinates is not None:
+        coords_path = stages.run("write", write_volume, result.coordinates, out_dir / "coordinates.nii.gz")
     png = stages.run("preview", _preview, image, result.labels, result.organs, out_dir / "preview.png",
                      f"DiffusionSeg: {source.name}")  # fmt: skip
     total = time.perf_counter() - started
@@ -101,7 +104,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"          not found: {', '.join(missing)}")
     print(f"wrote     {nifti}: label map on the exact input grid (ids as in the BTCV legend)")
     print(f"wrote     {seg_nrrd}: Slicer segmentation (named, coloured segments with terminology)")
-    print(f"wrote     {coords_path}: anatomical coordinates (3 components: R→L, A→P, I→S, mm) on the input grid")
+    if coords_path is not None:
+        print(f"wrote     {coords_path}: anatomical coordinates (3 components: R→L, A→P, I→S, mm) on the input grid")
     print(f"wrote     {png}: axial and coronal overlays")
     print("timings   " + ", ".join(f"{stage} {seconds:.2f} s" for stage, seconds in stages.seconds.items()))
     print(f"total     {total:.1f} s on {resolve_device(args.device).type}, model loading included")

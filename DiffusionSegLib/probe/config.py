@@ -44,13 +44,6 @@ class ProbeConfig:
     whole patches (None: whole patches). The heads are 1x1x1 on the pyramid, so a crop loses no context; it makes
     a step ~8x cheaper, which buys a batch of many different places. Multiples of the backbone's size divisor;
     clipped to ``patch_size_vox``."""
-
-    @property
-    def train_crop(self) -> tuple[int, int, int] | None:
-        """The crop actually used: ``train_crop_vox`` clipped to the patch size (None: whole patches)."""
-        if self.train_crop_vox is None:
-            return None
-        return tuple(min(c, p) for c, p in zip(self.train_crop_vox, self.patch_size_vox))  # type: ignore[return-value]
     batch_size: int = 8
     """Patches (or crops) per step."""
     lr: float = 1e-2
@@ -92,6 +85,13 @@ class ProbeConfig:
         if self.lr <= 0:
             raise ValueError(f"lr {self.lr} must be positive")
         self.feature_config()  # checks window and overlap
+
+    @property
+    def train_crop(self) -> tuple[int, int, int] | None:
+        """The crop actually used: ``train_crop_vox`` clipped to the patch size (None: whole patches)."""
+        if self.train_crop_vox is None:
+            return None
+        return tuple(min(c, p) for c, p in zip(self.train_crop_vox, self.patch_size_vox))  # type: ignore[return-value]
 
     def feature_config(self, **overrides: object) -> FeatureConfig:
         """The :class:`FeatureConfig` of this probe (timestep, noise, window), with optional overrides."""

@@ -9,9 +9,10 @@ is refused.
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
-from DiffusionSegLib.checkpoint import load_weights, save_weights
+from DiffusionSegLib.checkpoint import load_weights, read_weights_header, save_weights
 from DiffusionSegLib.data.labels import labels_from_json, labels_to_json
 from DiffusionSegLib.errors import UserInputError
 from DiffusionSegLib.probe.config import ProbeConfig
@@ -45,9 +46,8 @@ def save_probe(path: str | os.PathLike, probe: TrainedProbe) -> Path:
 
 
 def read_probe_config(path: str | os.PathLike) -> dict:
-    """The config dict of a probe file (``probe``, ``labels``, ``backbone``...), without building the head."""
-    _, config, _ = load_weights(path, kind="probe")
-    return config
+    """The config dict of a probe file (``probe``, ``labels``, ``backbone``...), from its header alone."""
+    return read_weights_header(path, kind="probe")[0]
 
 
 def check_backbone(record: dict, backbone, source: str = "the probe") -> None:
@@ -64,23 +64,25 @@ def check_backbone(record: dict, backbone, source: str = "the probe") -> None:
         )
 
 
-def find_probe_backbone(probe_path: str | os.PathLike) -> Path:
-    """The backbone file a probe was trained on: the path it recorded, else the shipped default backbone when its
-    hash matches (shipped probes record the path they were trained from, which a user's install lacks).
+def find_probe_backbone(probe_path: str | os.PathLike, folders: Sequence[str | os.PathLike] | None = None) -> Path:
+    """The backbone file a probe was trained on: the path it recorded, else a backbone file with the recorded hash
+    in ``folders`` (default: the shipped models). Shipped probes record the path they were trained from, which a
+    user's install lacks.
 
     Raises:
-        UserInputError: neither exists with the recorded hash; the caller should ask for the backbone.
+        UserInputError: no backbone file with the recorded hash; the caller should ask for the backbone.
     """
-    from DiffusionSegLib.checkpoint import file_sha256
-    from DiffusionSegLib.resources import DEFAULT_BACKBONE_NAME, resources_dir
+    from DiffusionSegLib.checkpoint import find_weights
+    from DiffusionSegLib.resources import resources_dir
 
     record = read_probe_config(probe_path)["backbone"]
-    candidates = [Path(str(record.get("path", ""))), resources_dir() / "Models" / DEFAULT_BACKBONE_NAME]
-    for candidate in candidates:
-        if str(candidate) and candidate.is_file() and file_sha256(candidate) == record.get("sha256"):
-            return candidate
-    raise UserInputError(f"the backbone of probe '{Path(probe_path).name}' ({Path(str(record.get('path'))).name}, "
-                         f"sha256 {str(record.get('sha256'))[:12]}…) is not found; pass it with --backbone")
+    recorded = str(record.get("path", ""))
+    found = find_weights(str(record.get("sha256")), "backbone", [recorded],
+                         [resources_dir() / "Models"] if folders is None else folders)  # fmt: skip
+    if found is None:
+        raise UserInputError(f"the backbone of probe '{Path(probe_path).name}' ({Path(recorded).name}, sha256 "
+                             f"{str(record.get('sha256'))[:12]}…) is not found; pass it with --backbone")
+    return found
 
 
 def load_probe(path: str | os.PathLike, backbone=None) -> TrainedProbe:

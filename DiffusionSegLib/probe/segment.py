@@ -48,6 +48,8 @@ class SegmentationResult:
         uncertainty_kind: "disagreement", "entropy" or None.
         seconds: wall time per stage (prepare, features, to_input_grid, cleanup, total).
         working_size: (x, y, z) size of the working grid.
+        coordinates: with ``segment(..., coordinates=True)``, the BPR coordinate map the backbone was fed, on the
+            input grid (3 components, mm-equivalent, as ``predict_body_coordinates`` gives); else None.
     """
 
     labels: sitk.Image
@@ -56,6 +58,7 @@ class SegmentationResult:
     uncertainty_kind: str | None = None
     seconds: dict = field(default_factory=dict)
     working_size: tuple[int, int, int] = (0, 0, 0)
+    coordinates: sitk.Image | None = None
 
 
 def _count_windows(shape, roi, overlap: float) -> int:
@@ -107,9 +110,19 @@ def _to_input(array: np.ndarray, prepared, default: float) -> np.ndarray:
     return sitk.GetArrayFromImage(to_input_grid(image, prepared, "linear", default))
 
 
+def _coordinates_on_input(inputs, prepared) -> sitk.Image:
+    from DiffusionSegLib.bpr import UNIT_MM
+    from DiffusionSegLib.bpr.inference import coordinates_to_image
+    from DiffusionSegLib.preprocess import to_input_grid
+
+    working = inputs.tensor[:, 1 : 1 + inputs.num_coords] * UNIT_MM  # network channels are in UNIT_MM units
+    return to_input_grid(coordinates_to_image(working, prepared.image), prepared, "linear", 0.0)
+
+
 def segment(image: sitk.Image, probe: TrainedProbe, backbone, *, largest_component: bool = False,
             uncertainty: bool = False, num_noise_draws: int | None = None, window_vox=None,
-            overlap: float | None = None, device: str | None = None, bpr=None, progress: bool = False,
+            overlap: float | None = None, device: str | None = None, bpr=None, coordinates: bool = False,
+            progress: bool = False,
             progress_callback: Callable[[float, str], None] | None = None,
             should_stop: Callable[[], bool] | None = None) -> SegmentationResult:  # fmt: skip
     """Segment the probe's organs in a CT.
@@ -122,6 +135,8 @@ def segment(image: sitk.Image, probe: TrainedProbe, backbone, *, largest_compone
         uncertainty: also compute an uncertainty map (see :class:`SegmentationResult`).
         num_noise_draws, window_vox, overlap, device: override the probe's inference settings.
         bpr: BPR for a backbone that uses coordinates (module, path or None for the recorded default).
+        coordinates: also return the BPR coordinates the backbone was fed, mapped to the input grid (saves
+            preparing the volume and running the BPR a second time for a coordinate map).
         progress: show MONAI's sliding-window progress bar.
         progress_callback: called as ``(fraction, message)``.
         should_stop: polled per window batch; True raises :class:`SegmentationCancelled`.
@@ -154,6 +169,9 @@ def segment(image: sitk.Image, probe: TrainedProbe, backbone, *, largest_compone
     report(0.0, "preparing the volume")
     prepared = prepare_volume(image, backbone.pretrain.preprocess)
     inputs = build_inputs(prepared.image, backbone, cfg, bpr=bpr, device=compute)
+    if coordinates and not inputs.num_coords:
+        raise UserInputError(f"backbone '{Path(backbone.path).name}' uses no BPR coordinates: there is no "
+                             "coordinate map to return")  # fmt: skip
     seconds["prepare"], clock = time.perf_counter() - clock, time.perf_counter()
 
     extractor = FeatureExtractor(backbone, cfg, inputs.num_coords).to(compute)
@@ -164,6 +182,7 @@ def segment(image: sitk.Image, probe: TrainedProbe, backbone, *, largest_compone
     watched = _Watched(predictor, total, report, should_stop or (lambda: False))
     with torch.no_grad():
         output = sliding_window_apply(inputs, watched, backbone, cfg, out_channels=probe.num_classes, progress=progress)
+    coordinate_image = _coordinates_on_input(inputs, prepared) if coordinates else None
     del inputs
     logits, votes = (output if disagreement else (output, None))
     probabilities = torch.softmax(logits[0].float(), dim=0).numpy()
@@ -207,7 +226,7 @@ def segment(image: sitk.Image, probe: TrainedProbe, backbone, *, largest_compone
     log.info("segmented %s voxels (working grid %s) in %.1f s", "x".join(map(str, image.GetSize())),
              "x".join(map(str, prepared.image.GetSize())), seconds["total"])  # fmt: skip
     return SegmentationResult(labels, list(probe.labels), uncertainty_image, kind, seconds,
-                              tuple(prepared.image.GetSize()))  # fmt: skip
+                              tuple(prepared.image.GetSize()), coordinate_image)  # fmt: skip
 
 
 def write_segmentation(result: SegmentationResult, path: str | os.PathLike) -> Path:

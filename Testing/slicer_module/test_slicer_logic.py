@@ -6,6 +6,14 @@ import numpy as np
 import pytest
 
 
+@pytest.fixture
+def logic_on_scene(trained_probe, scene):
+    """The logic that trained the probe, now working on this test's scene."""
+    logic, _ = trained_probe
+    logic.scene = scene
+    return logic
+
+
 def _segments(node) -> dict[str, object]:
     segmentation = node.GetSegmentation()
     return {segmentation.GetNthSegment(i).GetName(): segmentation.GetNthSegment(i)
@@ -20,16 +28,14 @@ def test_probe_trained_from_segmentation_node_is_listed(trained_probe, organs):
     assert sorted(listed[str(path)]["organs"]) == sorted(organs.values())
 
 
-def test_segment_gives_named_coloured_segments_on_input_geometry(ds, scene, trained_probe, fixed_probe, tiny_backbone,
-                                                                  make_case, organs):
+def test_segment_gives_named_coloured_segments_on_input_geometry(scene, logic_on_scene, fixed_probe, tiny_backbone,
+                                                                  make_case):
     import vtk
 
     from DiffusionSegLib.data.labels import organ_label
     from DiffusionSegLib.mrml import image_from_volume_node
 
-    logic, _ = trained_probe
-    probe = fixed_probe
-    logic.scene = scene
+    logic, probe = logic_on_scene, fixed_probe
     ct, volume_node, annotations = make_case(scene, name="patient")
     before = scene.GetNumberOfNodesByClass("vtkMRMLSegmentationNode")
     fractions = []
@@ -57,11 +63,9 @@ def test_segment_gives_named_coloured_segments_on_input_geometry(ds, scene, trai
     assert abs(matrix.GetElement(0, 3) + ct.GetOrigin()[0]) < 1e-4  # RAS = -LPS on x
 
 
-def test_existing_segmentation_is_never_overwritten_unless_chosen(ds, scene, trained_probe, fixed_probe, tiny_backbone,
+def test_existing_segmentation_is_never_overwritten_unless_chosen(scene, logic_on_scene, fixed_probe, tiny_backbone,
                                                                   make_case, organs):
-    logic, _ = trained_probe
-    probe = fixed_probe
-    logic.scene = scene
+    logic, probe = logic_on_scene, fixed_probe
     _, volume_node, annotations = make_case(scene, name="patient")
     existing = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "patient segmentation")
     first = logic.segment(volume_node, probe, tiny_backbone)
@@ -74,9 +78,9 @@ def test_existing_segmentation_is_never_overwritten_unless_chosen(ds, scene, tra
     assert scene.GetNumberOfNodesByClass("vtkMRMLSegmentationNode") == count
 
 
-def test_cancelled_background_run_leaves_scene_unchanged(ds, scene, trained_probe, tiny_backbone, make_case):
-    logic, probe = trained_probe
-    logic.scene = scene
+def test_cancelled_background_run_leaves_scene_unchanged(scene, logic_on_scene, trained_probe, tiny_backbone,
+                                                         make_case):
+    logic, (_, probe) = logic_on_scene, trained_probe
     _, volume_node, _ = make_case(scene)
     nodes = scene.GetNumberOfNodes()
     task = logic.prepareSegment(volume_node, probe, tiny_backbone)
@@ -89,9 +93,8 @@ def test_cancelled_background_run_leaves_scene_unchanged(ds, scene, trained_prob
     assert not task.tempDir.exists()
 
 
-def test_background_failure_reports_the_user_error(ds, scene, trained_probe, tmp_path, make_case):
-    logic, probe = trained_probe
-    logic.scene = scene
+def test_background_failure_reports_the_user_error(scene, logic_on_scene, trained_probe, tmp_path, make_case):
+    logic, (_, probe) = logic_on_scene, trained_probe
     _, volume_node, _ = make_case(scene)
     bogus = tmp_path / "not_a_backbone.safetensors"
     bogus.write_bytes(b"\x00" * 16)
