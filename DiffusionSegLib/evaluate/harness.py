@@ -89,6 +89,11 @@ def evaluate(cases: Sequence[LabeledCase], backbones: Mapping[str, object], cfg:
              progress: Callable[[str], None] | None = None) -> dict:  # fmt: skip
     """Run the comparison.
 
+    Work is shared wherever the result cannot change: per backbone, each training case is prepared and its
+    patches' features cached once (its patches are drawn from a generator seeded by the case, so they are the
+    same in every split), and every head of a split is trained on that cache; each test case is prepared and
+    passed through the backbone once for all heads of its split (:func:`~DiffusionSegLib.probe.segment_with_probes`).
+
     Args:
         cases: labeled cases (manual labels for reported numbers).
         backbones: ``{method name: BackboneBundle}``.
@@ -101,10 +106,14 @@ def evaluate(cases: Sequence[LabeledCase], backbones: Mapping[str, object], cfg:
     Returns:
         ``{"config", "splits", "per_case": [...], "summaries": {...}, "rows": [...], "timings": {...}}``.
     """
+    import SimpleITK as sitk
+
     from DiffusionSegLib.data.volume import read_volume
     from DiffusionSegLib.evaluate.metrics import organ_metrics, summarise
     from DiffusionSegLib.evaluate.report import row_from_summary
-    from DiffusionSegLib.probe import ProbeConfig, fit_probe, segment
+    from DiffusionSegLib.features import FeatureExtractor, resolve_device
+    from DiffusionSegLib.probe import ProbeConfig, cache_patch_features, segment_with_probes, train_head
+    from DiffusionSegLib.probe.sampling import prepare_labeled_volume, sample_patch_origins
 
     if not cases:
         raise UserInputError("no labeled cases to evaluate on")
@@ -116,30 +125,44 @@ def evaluate(cases: Sequence[LabeledCase], backbones: Mapping[str, object], cfg:
     splits = make_splits(list(by_id), cfg)
     needed = sorted({c for split in splits for c in split["train"] + split["test"]})
     images = {c: (read_volume(by_id[c].image), read_volume(by_id[c].label)) for c in needed}
+    training_cases = sorted({c for split in splits for c in split["train"]})
     base = probe_config or ProbeConfig()
+    feature_cfg = base.feature_config()
+    device = resolve_device(base.device)
     per_case: list[dict] = []
-    timings: dict[str, float] = {"train_probe_s": 0.0, "segment_s": 0.0}
+    timings: dict[str, float] = {"cache_features_s": 0.0, "train_probe_s": 0.0, "segment_s": 0.0}
     for method, backbone in backbones.items():
-        for head in cfg.heads:
-            probe_cfg = type(base)(**(asdict(base) | {"head": head}))
-            for split in splits:
+        started = time.perf_counter()
+        extractor = FeatureExtractor(backbone, feature_cfg).to(device)
+        patch_sets = {}
+        for case_id in training_cases:
+            volume = prepare_labeled_volume(*images[case_id], organs, backbone, feature_cfg, case_id, device=device)
+            rng = np.random.default_rng([cfg.seed, needed.index(case_id)])
+            origins = sample_patch_origins(volume.classes, base.patch_size_vox, base.patches_per_volume, rng)
+            patch_sets[case_id] = cache_patch_features(volume, origins, extractor, base, device)
+        timings["cache_features_s"] += time.perf_counter() - started
+        say(f"{method}: features of {len(training_cases)} training case(s) cached")
+        for split in splits:
+            probes = []
+            for head in cfg.heads:
                 started = time.perf_counter()
-                probe = fit_probe([images[c] for c in split["train"]], organs, backbone, probe_cfg, progress=False)
+                probe_cfg = type(base)(**(asdict(base) | {"head": head}))
+                probes.append(train_head([patch_sets[c] for c in split["train"]], organs, backbone, probe_cfg))
                 timings["train_probe_s"] += time.perf_counter() - started
                 say(f"{method} / {head} / {split['name']}: probe trained on {len(split['train'])} case(s)")
-                for case_id in split["test"]:
-                    ct, reference = images[case_id]
-                    started = time.perf_counter()
-                    result = segment(ct, probe, backbone, largest_component=cfg.largest_component)
-                    timings["segment_s"] += time.perf_counter() - started
-                    import SimpleITK as sitk
-
+            for case_id in split["test"]:
+                ct, reference = images[case_id]
+                started = time.perf_counter()
+                results = segment_with_probes(ct, probes, backbone, largest_component=cfg.largest_component)
+                timings["segment_s"] += time.perf_counter() - started
+                for head, result in zip(cfg.heads, results):
                     metrics = organ_metrics(sitk.GetArrayViewFromImage(result.labels),
                                             sitk.GetArrayViewFromImage(reference), organs, reference.GetSpacing())  # fmt: skip
                     per_case.append({"method": method, "probe": head, "split": split["name"],
                                      "regime": split["regime"], "case": case_id, "metrics": metrics})  # fmt: skip
                     mean = np.nanmean([m["dice"] for m in metrics.values()])
-                    say(f"  {case_id}: mean Dice {mean:.3f}")
+                    say(f"  {method} / {head} / {case_id}: mean Dice {mean:.3f}")
+        del patch_sets
     summaries: dict[str, dict] = {}
     rows = []
     for method in backbones:

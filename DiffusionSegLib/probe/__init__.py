@@ -9,13 +9,24 @@ from DiffusionSegLib.probe.segment import (
     SegmentationResult,
     keep_largest_components,
     segment,
+    segment_with_probes,
     write_segmentation,
 )
 from DiffusionSegLib.probe.segnrrd import read_seg_nrrd, write_seg_nrrd
-from DiffusionSegLib.probe.train import ProbeTrainingCancelled, TrainedProbe, backbone_record, build_head, fit_probe
+from DiffusionSegLib.probe.train import (
+    PatchFeatures,
+    ProbeTrainingCancelled,
+    TrainedProbe,
+    backbone_record,
+    build_head,
+    cache_patch_features,
+    fit_probe,
+    train_head,
+)
 
 __all__ = [
     "HEADS",
+    "PatchFeatures",
     "ProbeConfig",
     "ProbeTrainingCancelled",
     "SegmentationCancelled",
@@ -23,6 +34,7 @@ __all__ = [
     "TrainedProbe",
     "backbone_record",
     "build_head",
+    "cache_patch_features",
     "check_backbone",
     "find_probe_backbone",
     "fit_probe",
@@ -32,6 +44,8 @@ __all__ = [
     "read_seg_nrrd",
     "save_probe",
     "segment",
+    "segment_with_probes",
+    "train_head",
     "write_seg_nrrd",
     "write_segmentation",
 ]

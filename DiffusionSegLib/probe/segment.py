@@ -13,7 +13,7 @@ import logging
 import math
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,7 +25,8 @@ from DiffusionSegLib.data.labels import OrganLabel
 from DiffusionSegLib.errors import UserInputError
 from DiffusionSegLib.probe.train import TrainedProbe
 
-__all__ = ["SegmentationResult", "SegmentationCancelled", "segment", "write_segmentation", "keep_largest_components"]
+__all__ = ["SegmentationResult", "SegmentationCancelled", "segment", "segment_with_probes", "write_segmentation",
+           "keep_largest_components"]
 
 log = logging.getLogger(__name__)
 
@@ -152,16 +153,47 @@ def segment(image: sitk.Image, probe: TrainedProbe, backbone, *, largest_compone
         result = segment(read_volume("ct.nii.gz"), load_probe("liver.safetensors", bb), bb, largest_component=True)
         write_segmentation(result, "liver.seg.nrrd")
     """
+    return segment_with_probes(image, [probe], backbone, largest_component=largest_component,
+                               uncertainty=uncertainty, num_noise_draws=num_noise_draws, window_vox=window_vox,
+                               overlap=overlap, device=device, bpr=bpr, coordinates=coordinates, progress=progress,
+                               progress_callback=progress_callback, should_stop=should_stop)[0]  # fmt: skip
+
+
+def segment_with_probes(image: sitk.Image, probes: Sequence[TrainedProbe], backbone, *,
+                        largest_component: bool = False, uncertainty: bool = False,
+                        num_noise_draws: int | None = None, window_vox=None, overlap: float | None = None,
+                        device: str | None = None, bpr=None, coordinates: bool = False, progress: bool = False,
+                        progress_callback: Callable[[float, str], None] | None = None,
+                        should_stop: Callable[[], bool] | None = None) -> list[SegmentationResult]:  # fmt: skip
+    """Segment a CT with several probes of one backbone in one pass: the volume is prepared, and each window
+    goes through the backbone, once; every probe head reads the same pyramid (e.g. a linear and a non-linear
+    probe, or the probes of an evaluation's folds). Arguments as :func:`segment`; the probes must share their
+    feature settings (timestep, noise seed and draws, window, overlap).
+
+    Returns:
+        One :class:`SegmentationResult` per probe, in order (``coordinates`` is set on the first only; the
+        shared stages' times are split evenly among the probes).
+
+    Raises:
+        UserInputError: no probes, probes with different feature settings, or a probe of another backbone.
+    """
     from DiffusionSegLib.features import FeatureExtractor, PyramidPredictor, build_inputs, resolve_device
     from DiffusionSegLib.features import sliding_window_apply, window_size
     from DiffusionSegLib.preprocess import prepare_volume
     from DiffusionSegLib.probe.io import check_backbone
 
-    check_backbone(probe.backbone, backbone)
+    if not probes:
+        raise UserInputError("no probes given; pass at least one trained probe")
+    for probe in probes:
+        check_backbone(probe.backbone, backbone)
     report = progress_callback or (lambda fraction, message: None)
     overrides = {k: v for k, v in {"num_noise_draws": num_noise_draws, "window_vox": window_vox, "overlap": overlap,
                                    "device": device}.items() if v is not None}  # fmt: skip
-    cfg = probe.config.feature_config(**overrides)
+    configs = [probe.config.feature_config(**overrides) for probe in probes]
+    if any(c != configs[0] for c in configs[1:]):
+        raise UserInputError("the probes read different features (timestep, noise seed or draws, window or "
+                             "overlap differ); segment with each probe separately")  # fmt: skip
+    cfg = configs[0]
     compute = resolve_device(cfg.device)
     seconds: dict[str, float] = {}
     start = clock = time.perf_counter()
@@ -175,21 +207,45 @@ def segment(image: sitk.Image, probe: TrainedProbe, backbone, *, largest_compone
     seconds["prepare"], clock = time.perf_counter() - clock, time.perf_counter()
 
     extractor = FeatureExtractor(backbone, cfg, inputs.num_coords).to(compute)
-    head = probe.head.to(compute).eval()
+    heads = [probe.head.to(compute).eval() for probe in probes]
+    groups = [probe.num_classes for probe in probes]
     disagreement = uncertainty and extractor.num_draws > 1
-    predictor = PyramidPredictor(extractor, head, disagreement=disagreement)
+    predictor = PyramidPredictor(extractor, lambda pyramid: torch.cat([head(pyramid) for head in heads], 1),
+                                 disagreement=disagreement, groups=groups)  # fmt: skip
     total = _count_windows(inputs.shape, window_size(backbone, cfg), cfg.overlap)
     watched = _Watched(predictor, total, report, should_stop or (lambda: False))
     with torch.no_grad():
-        output = sliding_window_apply(inputs, watched, backbone, cfg, out_channels=probe.num_classes, progress=progress)
+        output = sliding_window_apply(inputs, watched, backbone, cfg, out_channels=sum(groups), progress=progress)
     coordinate_image = _coordinates_on_input(inputs, prepared) if coordinates else None
     del inputs
     logits, votes = (output if disagreement else (output, None))
-    probabilities = torch.softmax(logits[0].float(), dim=0).numpy()
-    del logits, output
-    seconds["features"], clock = time.perf_counter() - clock, time.perf_counter()
+    del output
+    seconds["features"] = time.perf_counter() - clock
+    shared = dict(seconds, features=seconds["features"] / len(probes), prepare=seconds["prepare"] / len(probes))
 
-    report(0.8, "resampling to the input grid")
+    results = []
+    first = 0
+    for index, probe in enumerate(probes):
+        clock = time.perf_counter()
+        report(0.8 + 0.2 * index / len(probes), "resampling to the input grid")
+        probabilities = torch.softmax(logits[0, first : first + probe.num_classes].float(), dim=0).numpy()
+        first += probe.num_classes
+        probe_votes = None if votes is None else votes[0, index].numpy()
+        result = _finish(image, prepared, probe, probabilities, probe_votes, uncertainty, largest_component, report)
+        result.seconds = dict(shared, **result.seconds, total=0.0)
+        result.seconds["total"] = sum(v for k, v in result.seconds.items() if k != "total")
+        result.coordinates = coordinate_image if index == 0 else None
+        results.append(result)
+    log.info("segmented %s voxels (working grid %s) with %d probe(s) in %.1f s", "x".join(map(str, image.GetSize())),
+             "x".join(map(str, prepared.image.GetSize())), len(probes), time.perf_counter() - start)  # fmt: skip
+    report(1.0, "done")
+    return results
+
+
+def _finish(image: sitk.Image, prepared, probe: TrainedProbe, probabilities: np.ndarray, votes: np.ndarray | None,
+            uncertainty: bool, largest_component: bool, report) -> SegmentationResult:  # fmt: skip
+    """Working-grid class probabilities of one probe → its label map (and uncertainty) on the input grid."""
+    clock = time.perf_counter()
     best = classes = None
     for c in range(probabilities.shape[0]):  # running argmax: one input-grid float volume at a time
         on_input = _to_input(probabilities[c], prepared, 1.0 if c == 0 else 0.0)
@@ -203,30 +259,25 @@ def segment(image: sitk.Image, probe: TrainedProbe, backbone, *, largest_compone
     uncertainty_image, kind = None, None
     if uncertainty:
         if votes is not None:
-            working_map, kind = votes[0, 0].numpy(), "disagreement"
+            working_map, kind = votes, "disagreement"
         else:
             p = np.clip(probabilities, 1e-8, 1.0)
             working_map, kind = -(p * np.log(p)).sum(0) / math.log(p.shape[0]), "entropy"
         uncertainty_image = sitk.GetImageFromArray(_to_input(working_map, prepared, 0.0).astype(np.float32))
         uncertainty_image.CopyInformation(image)
-    del probabilities
     values = [0] + [organ.value for organ in probe.labels]
     dtype = np.uint8 if max(values) < 256 else np.uint16
     label_array = np.asarray(values, dtype=dtype)[classes]
-    seconds["to_input_grid"], clock = time.perf_counter() - clock, time.perf_counter()
-
+    seconds = {"to_input_grid": time.perf_counter() - clock}
+    clock = time.perf_counter()
     if largest_component:
         report(0.9, "keeping the largest component of each organ")
         keep_largest_components(label_array, values[1:])
     seconds["cleanup"] = time.perf_counter() - clock
     labels = sitk.GetImageFromArray(label_array)
     labels.CopyInformation(image)
-    seconds["total"] = time.perf_counter() - start
-    report(1.0, "done")
-    log.info("segmented %s voxels (working grid %s) in %.1f s", "x".join(map(str, image.GetSize())),
-             "x".join(map(str, prepared.image.GetSize())), seconds["total"])  # fmt: skip
     return SegmentationResult(labels, list(probe.labels), uncertainty_image, kind, seconds,
-                              tuple(prepared.image.GetSize()), coordinate_image)  # fmt: skip
+                              tuple(prepared.image.GetSize()))  # fmt: skip
 
 
 def write_segmentation(result: SegmentationResult, path: str | os.PathLike) -> Path:

@@ -2,10 +2,14 @@
 
 1. Each CT is prepared on the backbone's working grid, its labels resampled onto it, and the whole-volume
    inputs (scaled image, BPR coordinates, fixed noise fields) built once.
-2. A pool of class-balanced patches is cut and the frozen backbone's pyramid of each is cached (float16, CPU):
-   about ``sum_l C_l / 8^l`` (21 for base 16) numbers per voxel, so a pool of dozens of patches is small.
+2. Class-balanced patches are cut and the frozen backbone's pyramid of each is cached (float16, CPU):
+   about ``sum_l C_l / 8^l`` (21 for base 16) numbers per voxel, so a pool of dozens of patches is small
+   (:func:`cache_patch_features`, one :class:`PatchFeatures` per volume).
 3. The head is trained on the cache with Dice + cross-entropy (``monai.losses.DiceCELoss``); held-out
-   patches (or a held-out volume) measure a validation loss and the best head is kept.
+   patches (or a held-out volume) measure a validation loss and the best head is kept (:func:`train_head`).
+
+:func:`fit_probe` does all three; the evaluation harness calls the steps itself so that every head and fold
+reuses one cache per case.
 """
 
 from __future__ import annotations
@@ -25,7 +29,8 @@ from DiffusionSegLib.data.labels import OrganLabel
 from DiffusionSegLib.errors import UserInputError
 from DiffusionSegLib.probe.config import ProbeConfig
 
-__all__ = ["TrainedProbe", "ProbeTrainingCancelled", "fit_probe", "build_head", "backbone_record"]
+__all__ = ["TrainedProbe", "ProbeTrainingCancelled", "PatchFeatures", "fit_probe", "train_head", "cache_patch_features",
+           "build_head", "backbone_record"]
 
 log = logging.getLogger(__name__)
 
@@ -143,14 +148,14 @@ def _check_patch(cfg: ProbeConfig, divisor: int) -> None:
                              "divisor) along every axis")  # fmt: skip
 
 
-def _check_labels(labels: Sequence[OrganLabel], volumes) -> None:
+def _check_labels(labels: Sequence[OrganLabel], present: Sequence[set[int]]) -> None:
     if not labels:
         raise UserInputError("no organs to learn; pass at least one label")
     values = [label.value for label in labels]
     if len(set(values)) != len(values):
         raise UserInputError(f"label ids {values} repeat; each organ needs its own id")
     for index, label in enumerate(labels):
-        if not any(np.any(v.classes == index + 1) for v in volumes):
+        if not any(index + 1 in classes for classes in present):
             raise UserInputError(f"organ '{label.name}' (id {label.value}) has no voxels in any training case")
 
 
@@ -187,6 +192,51 @@ class _Cache:
         return pyramid, torch.cat([cut(self.classes[i], box, 1) for i, box in zip(indices, boxes)]).to(device)
 
 
+@dataclass
+class PatchFeatures:
+    """The frozen pyramids (float16, CPU) and class maps of the patches cut from one labeled volume.
+
+    Computing them is most of a probe's cost; keeping them lets several heads, or the folds of an evaluation that
+    share a training case, be trained without running the backbone again (:func:`train_head`).
+
+    Attributes:
+        pyramids: per patch, the pyramid levels (1, C_l, d/2^l, h/2^l, w/2^l).
+        classes: per patch, (1, 1, d, h, w) int64 class indices.
+        present: class indices present anywhere in the volume (not only in the patches).
+    """
+
+    pyramids: list[list[torch.Tensor]]
+    classes: list[torch.Tensor]
+    present: set[int]
+
+
+def cache_patch_features(volume, origins: Sequence[Sequence[int]], extractor, cfg: ProbeConfig,
+                         device: torch.device, *, first_draw: int = 0,
+                         before_patch: Callable[[int], None] | None = None) -> PatchFeatures:  # fmt: skip
+    """Run the frozen backbone on patches of a prepared labeled volume and keep their pyramids.
+
+    Args:
+        volume: a :class:`~DiffusionSegLib.probe.sampling.LabeledVolume`.
+        origins: patch corners (:func:`~DiffusionSegLib.probe.sampling.sample_patch_origins`).
+        extractor: the :class:`~DiffusionSegLib.features.FeatureExtractor`, on ``device``.
+        cfg: gives the patch size.
+        device: where the backbone runs.
+        first_draw: patch ``i`` uses noise draw ``(first_draw + i) % num_draws``.
+        before_patch: called with the patch index before each patch (progress, cancellation).
+    """
+    from DiffusionSegLib.probe.sampling import cut_patch
+
+    features = PatchFeatures([], [], {int(c) for c in np.unique(volume.classes)})
+    for i, origin in enumerate(origins):
+        if before_patch is not None:
+            before_patch(i)
+        window, classes = cut_patch(volume, origin, cfg.patch_size_vox)
+        pyramid = extractor(window.to(device), (first_draw + i) % extractor.num_draws)
+        features.pyramids.append([level.to("cpu", torch.float16) for level in pyramid])
+        features.classes.append(classes)
+    return features
+
+
 def fit_probe(cases: Sequence[tuple[sitk.Image, sitk.Image]], labels: Sequence[OrganLabel], backbone,
               cfg: ProbeConfig | None = None, *, bpr=None, progress: bool = True,
               progress_callback: ProgressCallback | None = None,
@@ -216,11 +266,8 @@ def fit_probe(cases: Sequence[tuple[sitk.Image, sitk.Image]], labels: Sequence[O
         probe = fit_probe([(ct, seg)], BTCV_LABELS[5:6], load_backbone("backbone.safetensors"), ProbeConfig(steps=200))
         save_probe("liver.safetensors", probe)
     """
-    from monai.losses import DiceCELoss
-    from tqdm.auto import tqdm
-
     from DiffusionSegLib.features import FeatureExtractor, resolve_device
-    from DiffusionSegLib.probe.sampling import cut_patch, prepare_labeled_volume, sample_patch_origins
+    from DiffusionSegLib.probe.sampling import prepare_labeled_volume, sample_patch_origins
 
     cfg = cfg or ProbeConfig()
     labels = list(labels)
@@ -231,7 +278,6 @@ def fit_probe(cases: Sequence[tuple[sitk.Image, sitk.Image]], labels: Sequence[O
     device = resolve_device(cfg.device)
     report = progress_callback or (lambda fraction, message: None)
     stop = should_stop or (lambda: False)
-    torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
     extractor = FeatureExtractor(backbone, feature_cfg).to(device)  # checks the timestep early
 
@@ -242,28 +288,61 @@ def fit_probe(cases: Sequence[tuple[sitk.Image, sitk.Image]], labels: Sequence[O
         report(0.2 * i / len(cases), f"preparing volume {i + 1}/{len(cases)}")
         volumes.append(prepare_labeled_volume(image, label, labels, backbone, feature_cfg, f"case {i + 1}",
                                               bpr=bpr, device=device))  # fmt: skip
-    _check_labels(labels, volumes)
+    _check_labels(labels, [{int(c) for c in np.unique(v.classes)} for v in volumes])
+    origins = [sample_patch_origins(v.classes, cfg.patch_size_vox, cfg.patches_per_volume, rng) for v in volumes]
+    total, done, patch_sets = sum(map(len, origins)), 0, []
+    for volume, volume_origins in zip(volumes, origins):
 
-    held_out = cfg.val_volumes if len(volumes) > cfg.val_volumes > 0 else 0
-    train_cache, val_cache = _Cache(), _Cache()
-    jobs = []
-    for v, volume in enumerate(volumes):
-        origins = sample_patch_origins(volume.classes, cfg.patch_size_vox, cfg.patches_per_volume, rng)
-        jobs += [(v, origin) for origin in origins]
+        def before_patch(i: int, done: int = done) -> None:
+            if stop():
+                raise ProbeTrainingCancelled("probe training cancelled while caching features")
+            report(0.2 + 0.3 * (done + i) / total, f"caching features of patch {done + i + 1}/{total}")
+
+        patch_sets.append(cache_patch_features(volume, volume_origins, extractor, cfg, device, first_draw=done,
+                                               before_patch=before_patch))  # fmt: skip
+        done += len(volume_origins)
+    del volumes
+    return train_head(patch_sets, labels, backbone, cfg, rng=rng, progress=progress,
+                      progress_callback=lambda f, m: report(0.5 + 0.5 * f, m), should_stop=stop)  # fmt: skip
+
+
+def train_head(patch_sets: Sequence[PatchFeatures], labels: Sequence[OrganLabel], backbone, cfg: ProbeConfig, *,
+               rng: np.random.Generator | None = None, progress: bool = False,
+               progress_callback: ProgressCallback | None = None,
+               should_stop: Callable[[], bool] | None = None) -> TrainedProbe:  # fmt: skip
+    """Train a probe head on cached patch features (:func:`cache_patch_features`), one set per labeled volume.
+
+    The last ``cfg.val_volumes`` sets are held out for early stopping when more remain, else a random
+    ``cfg.val_fraction`` of the patches (at most ``cfg.max_val_patches``). Arguments as :func:`fit_probe`;
+    ``rng`` (default: seeded with ``cfg.seed``) draws the held-out patches, batches and crops.
+
+    Raises:
+        UserInputError: an organ absent from every volume.
+        ProbeTrainingCancelled: stopped before any training step.
+    """
+    from monai.losses import DiceCELoss
+    from tqdm.auto import tqdm
+
+    from DiffusionSegLib.features import resolve_device
+
+    labels = list(labels)
+    _check_labels(labels, [s.present for s in patch_sets])
+    rng = rng if rng is not None else np.random.default_rng(cfg.seed)
+    device = resolve_device(cfg.device)
+    report = progress_callback or (lambda fraction, message: None)
+    stop = should_stop or (lambda: False)
+    held_out = cfg.val_volumes if len(patch_sets) > cfg.val_volumes > 0 else 0
+    jobs = [(v, p) for v, s in enumerate(patch_sets) for p in range(len(s.classes))]
     n_val = 0 if held_out else (max(1, int(round(cfg.val_fraction * len(jobs)))) if cfg.val_fraction > 0 else 0)
     n_val = min(n_val, cfg.max_val_patches)
     val_jobs = set(rng.choice(len(jobs), n_val, replace=False).tolist()) if n_val else set()
-    for j, (v, origin) in enumerate(jobs):
-        if stop():
-            raise ProbeTrainingCancelled("probe training cancelled while caching features")
-        report(0.2 + 0.3 * j / len(jobs), f"caching features of patch {j + 1}/{len(jobs)}")
-        window, classes = cut_patch(volumes[v], origin, cfg.patch_size_vox)
-        pyramid = extractor(window.to(device), j % extractor.num_draws)
-        target = val_cache if (j in val_jobs or v >= len(volumes) - held_out) else train_cache
-        target.pyramids.append([level.to("cpu", torch.float16) for level in pyramid])
-        target.classes.append(classes)
-    del volumes
+    train_cache, val_cache = _Cache(), _Cache()
+    for j, (v, p) in enumerate(jobs):
+        target = val_cache if (j in val_jobs or v >= len(patch_sets) - held_out) else train_cache
+        target.pyramids.append(patch_sets[v].pyramids[p])
+        target.classes.append(patch_sets[v].classes[p])
 
+    torch.manual_seed(cfg.seed)
     head = build_head(cfg.head, backbone.feature_channels, len(labels) + 1, cfg.hidden_channels)
     head.standardize.fit(train_cache.pyramids)
     head = head.to(device)
@@ -299,7 +378,7 @@ def fit_probe(cases: Sequence[tuple[sitk.Image, sitk.Image]], labels: Sequence[O
             if cfg.patience and since_best >= cfg.patience:
                 log.info("probe: no improvement in %d validations; stopping at step %d", since_best, step)
                 break
-        report(0.5 + 0.5 * step / max(cfg.steps, 1), f"training step {step}/{cfg.steps} (loss {losses[-1]:.3f})")
+        report(step / max(cfg.steps, 1), f"training step {step}/{cfg.steps} (loss {losses[-1]:.3f})")
     bar.close()
     if probe.cancelled and losses and (not probe.history or probe.history[-1]["step"] != len(losses)):
         val_loss = _validate(head, val_cache if len(val_cache) else train_cache, loss_fn, device, cfg.batch_size)

@@ -31,17 +31,39 @@ def test_fewshot_splits_have_the_asked_sizes():
         make_splits(ids, EvaluationConfig(regime="fewshot", shots=(6,)))
 
 
-def test_evaluate_command_runs_end_to_end_on_manual_labels(tmp_path):
-    backbone = make_backbone(tmp_path / "tiny.safetensors")
+def _evaluate_ircadb(out, backbone, heads):
     argv = ["evaluate", "--data", str(data_path("labeled")), "--label-kind", "organs", "--max-cases", "2",
-            "--backbone", f"random={backbone.path}", "--folds", "2", "--heads", "linear", "--organs", "liver",
-            "-o", str(tmp_path / "out"), "--probe.steps", "60", "--probe.patch_size_vox", "[16,32,32]",
-            "--probe.patches_per_volume", "8"]  # fmt: skip
+            "--backbone", f"random={backbone.path}", "--folds", "2", "--heads", *heads, "--organs", "liver",
+            "-o", str(out), "--probe.steps", "60", "--probe.patch_size_vox", "[16,32,32]",
+            "--probe.patches_per_volume", "8", "--probe.hidden_channels", "8"]  # fmt: skip
     assert main(argv) == 0
-    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    return json.loads((out / "report.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def tiny_backbone(tmp_path_factory):
+    return make_backbone(tmp_path_factory.mktemp("bb") / "tiny.safetensors")
+
+
+@pytest.fixture(scope="module")
+def both_heads(tmp_path_factory, tiny_backbone):
+    out = tmp_path_factory.mktemp("eval") / "out"
+    return out, _evaluate_ircadb(out, tiny_backbone, ["linear", "nonlinear"])
+
+
+def test_evaluate_command_runs_end_to_end_on_manual_labels(both_heads):
+    out, report = both_heads
     assert {c["case"] for c in report["per_case"]} == {"ircadb1.01", "ircadb1.17"}
-    (row,) = report["rows"]
-    assert row["method"] == "random" and row["probe"] == "linear" and row["regime"] == "2-fold"
+    linear, nonlinear = report["rows"]
+    assert (linear["method"], linear["probe"], linear["regime"]) == ("random", "linear", "2-fold")
+    assert nonlinear["probe"] == "nonlinear"
     # a liver probe trained on the other patient beats predicting nothing (measured about 0.35)
-    assert row["dice"]["liver"]["mean"] > 0.15
-    assert "liver" in (tmp_path / "out" / "report.md").read_text()
+    assert linear["dice"]["liver"]["mean"] > 0.15
+    assert "liver" in (out / "report.md").read_text()
+
+
+def test_sharing_features_between_heads_does_not_change_the_results(tmp_path, both_heads, tiny_backbone):
+    """Both heads read one cached pyramid per training case and one backbone pass per test case; the linear
+    probe's scores must be exactly those of an evaluation that trains and tests the linear head alone."""
+    alone = _evaluate_ircadb(tmp_path / "linear", tiny_backbone, ["linear"])["per_case"]
+    assert [r for r in both_heads[1]["per_case"] if r["probe"] == "linear"] == alone

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import SimpleITK as sitk
@@ -19,6 +21,7 @@ from DiffusionSegLib.probe import (
     read_seg_nrrd,
     save_probe,
     segment,
+    segment_with_probes,
     write_segmentation,
 )
 
@@ -151,3 +154,25 @@ def test_several_noise_draws_give_a_disagreement_map(case, probe, backbone):
     values = sitk.GetArrayViewFromImage(result.uncertainty)
     assert result.uncertainty.GetSize() == case[0].GetSize()
     assert 0.0 <= values.min() and values.max() <= 1.0 + 1e-5 and values.max() > 0.0
+
+
+def test_one_pass_with_several_probes_equals_one_pass_per_probe(case, probe, backbone):
+    nonlinear = fit_probe([case], [LIVER], backbone, ProbeConfig(**(FAST | {"head": "nonlinear", "steps": 30})),
+                          progress=False)  # fmt: skip
+    together = segment_with_probes(case[0], [probe, nonlinear], backbone, num_noise_draws=2, uncertainty=True)
+    for shared, alone in zip(together, [segment(case[0], p, backbone, num_noise_draws=2, uncertainty=True)
+                                        for p in (probe, nonlinear)]):  # fmt: skip
+        np.testing.assert_array_equal(sitk.GetArrayViewFromImage(shared.labels), sitk.GetArrayViewFromImage(alone.labels))
+        np.testing.assert_allclose(sitk.GetArrayViewFromImage(shared.uncertainty),
+                                   sitk.GetArrayViewFromImage(alone.uncertainty), atol=1e-6)  # fmt: skip
+        assert shared.labels.GetSize() == case[0].GetSize()
+    a, b = (sitk.GetArrayViewFromImage(r.labels) == LIVER.value for r in together)
+    assert a.sum() != b.sum()  # two different heads, not one result twice
+
+
+def test_probes_reading_different_features_are_not_run_together(case, probe, backbone):
+    other = dataclasses.replace(probe, config=dataclasses.replace(probe.config, timestep=1))
+    with pytest.raises(UserInputError, match="read different features"):
+        segment_with_probes(case[0], [probe, other], backbone)
+    with pytest.raises(UserInputError, match="no probes"):
+        segment_with_probes(case[0], [], backbone)
