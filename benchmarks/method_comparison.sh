@@ -1,17 +1,19 @@
 #!/usr/bin/env bash
 # The paper's comparison at a CPU budget: pretraining methods (diffusion + BPR, diffusion alone, restorative,
-# contrastive, random init) x probes (linear, non-linear), and the timestep ablation (diffusion + BPR with
-# T = 10, 100, 1000), every backbone trained with the same config and number of steps
-# (configs/pretrain_default.toml, STEPS steps each; only the method, BPR input or T differ).
+# contrastive, random init) x probes (linear, non-linear), and the timestep ablation (diffusion + BPR with T = 10
+# and each T in $ABLATION_T), every backbone trained with the same config and number of steps
+# (configs/pretrain_default.toml, $STEPS steps each; only the method, the BPR input or T differ).
 # Training is skipped for backbones that exist (an interrupted one resumes); then one `evaluate` run over the
 # 20 shared BTCV cases writes benchmarks/results/method_comparison/report.{md,json} and the ablation plots.
 #   bash benchmarks/method_comparison.sh [PYTHON] [train|evaluate|all]
+#   STEPS=1000 ABLATION_T="100 1000" bash benchmarks/method_comparison.sh .venv/bin/python
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${1:-.venv/bin/python}
 PHASE=${2:-all}
 DATA=${DIFFUSIONSEG_DATA:-../shared/data}
 STEPS=${STEPS:-1000}
+ABLATION_T=${ABLATION_T:-100 1000}
 RUNS=runs/comparison_${STEPS}
 
 train() {  # train NAME [pretrain overrides...]
@@ -28,7 +30,23 @@ if [ "$PHASE" != evaluate ]; then
     train restorative --method restorative --use_bpr false
     train contrastive --method contrastive --use_bpr false
     train random --method random --use_bpr false
-    train diffusion_bpr_T100 --diffusion.num_timesteps 100
-    train diffusion_bpr_T1000 --diffusion.num_timesteps 1000
+    for T in $ABLATION_T; do train "diffusion_bpr_T$T" --diffusion.num_timesteps "$T"; done
 fi
 [ "$PHASE" = train ] && exit 0
+
+BACKBONES=(--backbone "diffusion + BPR=$RUNS/diffusion_bpr_T10/backbone.safetensors"
+           --backbone "diffusion=$RUNS/diffusion_T10/backbone.safetensors"
+           --backbone "restorative=$RUNS/restorative/backbone.safetensors"
+           --backbone "contrastive=$RUNS/contrastive/backbone.safetensors"
+           --backbone "random init=$RUNS/random/backbone.safetensors")
+for T in $ABLATION_T; do
+    BACKBONES+=(--backbone "diffusion + BPR (T $T)=$RUNS/diffusion_bpr_T$T/backbone.safetensors")
+done
+# CPU-sized probe protocol (about 7 min per backbone on 2 cores): 1 test case per fold, 8 patches per training
+# case, 100 probe steps, a 32-channel non-linear head. With a GPU, drop --max-test-cases and the --probe.* options
+# for the full protocol.
+PROBE=(--probe.steps 100 --probe.patches_per_volume 8 --probe.val_every 50 --probe.hidden_channels 32
+       --probe.window_vox "[48,128,128]")
+"$PY" -m DiffusionSegLib.cli evaluate --data "$DATA/btcv" --regime kfold --folds 5 --max-test-cases 1 \
+    --largest-component --heads linear nonlinear "${BACKBONES[@]}" "${PROBE[@]}" \
+    -o benchmarks/results/method_comparison

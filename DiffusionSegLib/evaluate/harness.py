@@ -26,7 +26,7 @@ from DiffusionSegLib.data.datasets import LabeledCase
 from DiffusionSegLib.data.labels import OrganLabel
 from DiffusionSegLib.errors import UserInputError
 
-__all__ = ["EvaluationConfig", "evaluate", "make_splits", "write_evaluation"]
+__all__ = ["EvaluationConfig", "evaluate", "make_splits", "timestep_curves", "write_evaluation"]
 
 log = logging.getLogger(__name__)
 
@@ -182,7 +182,23 @@ def _backbone_facts(backbone) -> dict:
     if pretrain is None:
         return {}
     return {"pretrain_method": pretrain.method, "use_bpr": pretrain.use_bpr,
+            "pretrain_steps": pretrain.training.steps,
             "num_timesteps": pretrain.diffusion.num_timesteps if pretrain.method == "diffusion" else None}  # fmt: skip
+
+
+def timestep_curves(results: dict) -> dict[tuple[str, str, bool, int], dict[int, dict]]:
+    """The timestep ablation's curves: ``{(probe, regime, use_bpr, pretraining steps): {T: summary}}``.
+
+    Only diffusion backbones that differ in nothing but T belong on one curve, so rows are grouped by probe,
+    regime, BPR input and pretraining steps; within a group the first backbone of each T is kept.
+    """
+    curves: dict[tuple[str, str, bool, int], dict[int, dict]] = {}
+    for row in results["rows"]:
+        if row.get("num_timesteps"):
+            key = (row["probe"], row["regime"], bool(row.get("use_bpr")), int(row.get("pretrain_steps") or 0))
+            summary = results["summaries"][f"{row['method']}|{row['probe']}|{row['regime']}"]
+            curves.setdefault(key, {}).setdefault(int(row["num_timesteps"]), summary)
+    return curves
 
 
 def write_evaluation(results: dict, out_dir: str | Path, title: str = "DiffusionSeg evaluation") -> dict[str, Path]:
@@ -192,15 +208,10 @@ def write_evaluation(results: dict, out_dir: str | Path, title: str = "Diffusion
 
     out_dir = Path(out_dir)
     paths = write_report(dict(results, title=title), out_dir)
-    by_t: dict[tuple[str, str], dict[int, dict]] = {}
-    for row in results["rows"]:
-        if row.get("num_timesteps"):
-            key = (row["probe"], row["regime"])
-            summary = results["summaries"][f"{row['method']}|{row['probe']}|{row['regime']}"]
-            by_t.setdefault(key, {})[int(row["num_timesteps"])] = summary
-    for (head, regime), curves in by_t.items():
+    for (head, regime, use_bpr, steps), curves in timestep_curves(results).items():
         if len(curves) >= 2:
-            name = f"timestep_ablation_{head}_{regime.replace(' ', '_')}.png"
-            paths[name] = plot_timestep_ablation(curves, out_dir / name,
-                                                 title=f"Dice vs diffusion timesteps ({head} probe, {regime})")  # fmt: skip
+            inputs = "diffusion + BPR" if use_bpr else "diffusion"
+            name = f"timestep_ablation_{head}_{regime.replace(' ', '_')}{'' if use_bpr else '_no_bpr'}.png"
+            title = f"Dice vs diffusion timesteps\n{inputs}, {steps} pretraining steps; {head} probe, {regime}"
+            paths[name] = plot_timestep_ablation(curves, out_dir / name, title=title)
     return paths

@@ -10,7 +10,7 @@ from helpers import data_path
 
 from DiffusionSegLib.cli import main
 from DiffusionSegLib.errors import UserInputError
-from DiffusionSegLib.evaluate.harness import EvaluationConfig, make_splits
+from DiffusionSegLib.evaluate.harness import EvaluationConfig, make_splits, timestep_curves
 
 
 def test_kfold_tests_every_case_once_and_never_trains_on_it():
@@ -67,3 +67,17 @@ def test_sharing_features_between_heads_does_not_change_the_results(tmp_path, bo
     probe's scores must be exactly those of an evaluation that trains and tests the linear head alone."""
     alone = _evaluate_ircadb(tmp_path / "linear", tiny_backbone, ["linear"])["per_case"]
     assert [r for r in both_heads[1]["per_case"] if r["probe"] == "linear"] == alone
+
+
+def test_timestep_curves_join_only_backbones_that_differ_in_T():
+    def row(method, bpr, steps, t):
+        return {"method": method, "probe": "linear", "regime": "5-fold", "use_bpr": bpr, "pretrain_steps": steps,
+                "num_timesteps": t}  # fmt: skip
+
+    rows = [row("bpr10", True, 1000, 10), row("bpr100", True, 1000, 100), row("plain10", False, 1000, 10),
+            row("shipped", True, 2500, 10), row("restorative", False, 1000, None), row("bpr10 again", True, 1000, 10)]
+    results = {"rows": rows, "summaries": {f"{r['method']}|linear|5-fold": r["method"] for r in rows}}
+    curves = timestep_curves(results)
+    assert curves == {("linear", "5-fold", True, 1000): {10: "bpr10", 100: "bpr100"},
+                      ("linear", "5-fold", False, 1000): {10: "plain10"},
+                      ("linear", "5-fold", True, 2500): {10: "shipped"}}  # fmt: skip
