@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Literal
 
@@ -127,6 +127,7 @@ def evaluate(cases: Sequence[LabeledCase], backbones: Mapping[str, object], cfg:
     images = {c: (read_volume(by_id[c].image), read_volume(by_id[c].label)) for c in needed}
     training_cases = sorted({c for split in splits for c in split["train"]})
     base = probe_config or ProbeConfig()
+    head_configs = {head: replace(base, head=head) for head in cfg.heads}
     feature_cfg = base.feature_config()
     device = resolve_device(base.device)
     per_case: list[dict] = []
@@ -144,9 +145,8 @@ def evaluate(cases: Sequence[LabeledCase], backbones: Mapping[str, object], cfg:
         say(f"{method}: features of {len(training_cases)} training case(s) cached")
         for split in splits:
             probes = []
-            for head in cfg.heads:
+            for head, probe_cfg in head_configs.items():
                 started = time.perf_counter()
-                probe_cfg = type(base)(**(asdict(base) | {"head": head}))
                 probes.append(train_head([patch_sets[c] for c in split["train"]], organs, backbone, probe_cfg))
                 timings["train_probe_s"] += time.perf_counter() - started
                 say(f"{method} / {head} / {split['name']}: probe trained on {len(split['train'])} case(s)")

@@ -6,6 +6,7 @@ and then a random voxel of that class, so small organs are seen as often as the 
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -32,6 +33,11 @@ class LabeledVolume:
     name: str
     inputs: object
     classes: np.ndarray
+
+    @functools.cached_property
+    def present(self) -> set[int]:
+        """Class indices with at least one voxel in the volume."""
+        return {int(c) for c in np.unique(self.classes)}
 
 
 def class_index_map(label_array: np.ndarray, labels: Sequence[OrganLabel]) -> np.ndarray:

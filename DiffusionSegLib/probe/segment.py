@@ -221,19 +221,18 @@ def segment_with_probes(image: sitk.Image, probes: Sequence[TrainedProbe], backb
     logits, votes = (output if disagreement else (output, None))
     del output
     seconds["features"] = time.perf_counter() - clock
-    shared = dict(seconds, features=seconds["features"] / len(probes), prepare=seconds["prepare"] / len(probes))
+    shared = {stage: value / len(probes) for stage, value in seconds.items()}
 
     results = []
     first = 0
     for index, probe in enumerate(probes):
-        clock = time.perf_counter()
-        report(0.8 + 0.2 * index / len(probes), "resampling to the input grid")
         probabilities = torch.softmax(logits[0, first : first + probe.num_classes].float(), dim=0).numpy()
         first += probe.num_classes
         probe_votes = None if votes is None else votes[0, index].numpy()
-        result = _finish(image, prepared, probe, probabilities, probe_votes, uncertainty, largest_component, report)
-        result.seconds = dict(shared, **result.seconds, total=0.0)
-        result.seconds["total"] = sum(v for k, v in result.seconds.items() if k != "total")
+        result = _finish(image, prepared, probe, probabilities, probe_votes, uncertainty, largest_component,
+                         lambda f, message: report(0.8 + 0.2 * (index + f) / len(probes), message))  # fmt: skip
+        result.seconds = shared | result.seconds
+        result.seconds["total"] = sum(result.seconds.values())
         result.coordinates = coordinate_image if index == 0 else None
         results.append(result)
     log.info("segmented %s voxels (working grid %s) with %d probe(s) in %.1f s", "x".join(map(str, image.GetSize())),
@@ -244,8 +243,10 @@ def segment_with_probes(image: sitk.Image, probes: Sequence[TrainedProbe], backb
 
 def _finish(image: sitk.Image, prepared, probe: TrainedProbe, probabilities: np.ndarray, votes: np.ndarray | None,
             uncertainty: bool, largest_component: bool, report) -> SegmentationResult:  # fmt: skip
-    """Working-grid class probabilities of one probe → its label map (and uncertainty) on the input grid."""
+    """Working-grid class probabilities of one probe → its label map (and uncertainty) on the input grid;
+    ``report`` takes fractions of this step."""
     clock = time.perf_counter()
+    report(0.0, "resampling to the input grid")
     best = classes = None
     for c in range(probabilities.shape[0]):  # running argmax: one input-grid float volume at a time
         on_input = _to_input(probabilities[c], prepared, 1.0 if c == 0 else 0.0)
@@ -271,7 +272,7 @@ def _finish(image: sitk.Image, prepared, probe: TrainedProbe, probabilities: np.
     seconds = {"to_input_grid": time.perf_counter() - clock}
     clock = time.perf_counter()
     if largest_component:
-        report(0.9, "keeping the largest component of each organ")
+        report(0.5, "keeping the largest component of each organ")
         keep_largest_components(label_array, values[1:])
     seconds["cleanup"] = time.perf_counter() - clock
     labels = sitk.GetImageFromArray(label_array)

@@ -226,7 +226,7 @@ def cache_patch_features(volume, origins: Sequence[Sequence[int]], extractor, cf
     """
     from DiffusionSegLib.probe.sampling import cut_patch
 
-    features = PatchFeatures([], [], {int(c) for c in np.unique(volume.classes)})
+    features = PatchFeatures([], [], volume.present)
     for i, origin in enumerate(origins):
         if before_patch is not None:
             before_patch(i)
@@ -288,7 +288,7 @@ def fit_probe(cases: Sequence[tuple[sitk.Image, sitk.Image]], labels: Sequence[O
         report(0.2 * i / len(cases), f"preparing volume {i + 1}/{len(cases)}")
         volumes.append(prepare_labeled_volume(image, label, labels, backbone, feature_cfg, f"case {i + 1}",
                                               bpr=bpr, device=device))  # fmt: skip
-    _check_labels(labels, [{int(c) for c in np.unique(v.classes)} for v in volumes])
+    _check_labels(labels, [v.present for v in volumes])
     origins = [sample_patch_origins(v.classes, cfg.patch_size_vox, cfg.patches_per_volume, rng) for v in volumes]
     total, done, patch_sets = sum(map(len, origins)), 0, []
     for volume, volume_origins in zip(volumes, origins):
