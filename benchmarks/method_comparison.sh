@@ -5,6 +5,8 @@
 # (configs/pretrain_default.toml, $STEPS steps each; only the method, the BPR input or T differ).
 # Training is skipped for backbones that exist (an interrupted one resumes); then one `evaluate` run over the
 # 20 shared BTCV cases writes benchmarks/results/method_comparison/report.{md,json} and the ablation plots.
+# Each backbone's results are kept in benchmarks/results/method_comparison/per_backbone (evaluate --reuse): a
+# rerun evaluates only backbones (or settings) it has not seen, so adding a T to $ABLATION_T costs one backbone.
 #   bash benchmarks/method_comparison.sh [PYTHON] [train|evaluate|all]
 #   STEPS=1000 ABLATION_T="100 1000" bash benchmarks/method_comparison.sh .venv/bin/python
 set -euo pipefail
@@ -48,5 +50,5 @@ done
 PROBE=(--probe.steps 100 --probe.patches_per_volume 8 --probe.val_every 50 --probe.hidden_channels 32
        --probe.window_vox "[48,128,128]")
 "$PY" -m DiffusionSegLib.cli evaluate --data "$DATA/btcv" --regime kfold --folds 5 --max-test-cases 1 \
-    --largest-component --heads linear nonlinear "${BACKBONES[@]}" "${PROBE[@]}" \
+    --largest-component --heads linear nonlinear --reuse "${BACKBONES[@]}" "${PROBE[@]}" \
     -o benchmarks/results/method_comparison

@@ -83,6 +83,9 @@ class BPRConfig:
     """Voxels sampled per crop for the pairwise objective."""
     max_shift_fraction: float = 0.5
     """Second crop's centre moves by up to this fraction of the patch size along each axis (overlap kept)."""
+    far_pair_fraction: float = 0.0
+    """Share of pairs whose second crop lies anywhere along z in the scan instead (overlap not needed): they
+    teach the cranio-caudal order across the whole body; overlapping pairs alone only teach local shifts."""
     zoom_range: tuple[float, float] = (0.85, 1.15)
     """Per-axis resampling factors of each crop (simulates other spacings)."""
     batch_pairs: int = 4
@@ -127,6 +130,8 @@ class BPRConfig:
         self.zoom_range = (low, high)
         if not 0 <= self.max_shift_fraction < 1:
             raise ValueError(f"max_shift_fraction {self.max_shift_fraction} is invalid; expected [0, 1)")
+        if not 0 <= self.far_pair_fraction <= 1:
+            raise ValueError(f"far_pair_fraction {self.far_pair_fraction} is invalid; expected [0, 1]")
         for name in ("points_per_crop", "batch_pairs", "steps"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} {getattr(self, name)} is invalid; expected a positive integer")

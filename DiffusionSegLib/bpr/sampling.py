@@ -120,7 +120,7 @@ def _augment_intensity(crop: torch.Tensor, generator: torch.Generator) -> torch.
 def sample_crop_pairs(volumes: Sequence[TrainingVolume], batch_pairs: int, size_zyx: Sequence[int],
                       generator: torch.Generator, *,
                       zoom_range: Sequence[float] = (0.85, 1.15), max_shift_fraction: float = 0.5,
-                      augment: bool = True) -> CropBatch:  # fmt: skip
+                      far_pair_fraction: float = 0.0, augment: bool = True) -> CropBatch:  # fmt: skip
     """Draw ``batch_pairs`` pairs of overlapping crops, each pair from one randomly chosen volume.
 
     Args:
@@ -130,6 +130,9 @@ def sample_crop_pairs(volumes: Sequence[TrainingVolume], batch_pairs: int, size_
         generator: the only source of randomness (its state makes a run resumable exactly).
         zoom_range: per-axis zoom of each crop (voxel step = spacing × zoom).
         max_shift_fraction: the second centre moves by up to this fraction of the first crop's extent per axis.
+        far_pair_fraction: probability that a pair's second crop is instead centred anywhere along z in the
+            scan (in-plane shift as above): such pairs need not overlap and teach the cranio-caudal order over
+            the whole body, as the slice-ordering loss of Yan et al. does.
         augment: apply intensity augmentation.
 
     Returns:
@@ -148,6 +151,8 @@ def sample_crop_pairs(volumes: Sequence[TrainingVolume], batch_pairs: int, size_
         centre_a = torch.rand(3, generator=generator) * extent
         shift = (2 * torch.rand(3, generator=generator) - 1) * max_shift_fraction * size_xyz * step_a
         centre_b = centre_a + shift
+        if far_pair_fraction > 0 and float(torch.rand(1, generator=generator)) < far_pair_fraction:
+            centre_b[2] = torch.rand(1, generator=generator)[0] * extent[2]
         for centre, step in ((centre_a, step_a), (centre_b, step_b)):
             crop = _sample_crop(volume, centre, step, size_zyx)
             images.append(_augment_intensity(crop, generator) if augment else crop)

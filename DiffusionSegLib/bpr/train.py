@@ -80,6 +80,7 @@ def load_training_volumes(images: Sequence[ImageLike], cfg: BPRConfig, progress:
 
 
 def _check_resumable(saved: dict, cfg: BPRConfig, path: Path) -> None:
+    saved = BPRConfig.from_dict(saved).to_dict()  # fields added since the checkpoint take their defaults
     current = cfg.to_dict()
     differing = sorted(k for k in current if k not in _RESUMABLE_CHANGES and saved.get(k) != current[k])
     if differing:
@@ -154,7 +155,8 @@ def fit_bpr(images: Sequence[ImageLike], cfg: BPRConfig, out_dir: str | os.PathL
         with open(log_path, "a") as log_file:
             while step < cfg.steps:
                 batch = sample_crop_pairs(volumes, cfg.batch_pairs, cfg.patch_size_vox, generator,
-                                          zoom_range=cfg.zoom_range, max_shift_fraction=cfg.max_shift_fraction)
+                                          zoom_range=cfg.zoom_range, max_shift_fraction=cfg.max_shift_fraction,
+                                          far_pair_fraction=cfg.far_pair_fraction)
                 output = model.coarse_pooled(batch.images, batch.step_mm)
                 loss, stats = bpr_objective(output, batch, cfg.patch_size_vox, stride, generator,
                                             objective=cfg.objective, points_per_crop=cfg.points_per_crop,

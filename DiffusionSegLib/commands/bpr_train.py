@@ -37,6 +37,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"widths per scale (default {' '.join(map(str, default.channels))})")
     parser.add_argument("--batch-pairs", type=int, default=default.batch_pairs, help="crop pairs per step")
     parser.add_argument("--points", type=int, default=default.points_per_crop, help="sampled voxels per crop")
+    parser.add_argument("--far-pairs", type=float, default=default.far_pair_fraction,
+                        help="share of crop pairs placed anywhere along z (cranio-caudal order over the body)")
     parser.add_argument("--lr", type=float, default=default.learning_rate, help="Adam learning rate")
     parser.add_argument("--seed", type=int, default=default.seed, help="seed of initialisation and sampling")
     parser.add_argument("--checkpoint-every", type=int, default=100, help="save every N steps (and at exit)")
@@ -71,7 +73,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         cfg = BPRConfig(steps=args.steps, objective=args.objective, patch_size_vox=tuple(args.patch_size),
                         channels=tuple(args.channels), batch_pairs=args.batch_pairs, points_per_crop=args.points,
-                        learning_rate=args.lr, seed=args.seed,
+                        learning_rate=args.lr, seed=args.seed, far_pair_fraction=args.far_pairs,
                         relative_position=not args.no_relative_position,
                         global_offset=not args.no_relative_position,
                         residual_field=args.no_relative_position)  # fmt: skip

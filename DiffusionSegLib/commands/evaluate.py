@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+from pathlib import Path
 
 log = logging.getLogger(__name__)
 ACCEPTS_OVERRIDES = True
@@ -32,6 +33,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-test-cases", type=int, default=0, help="test cases per split (0: all)")
     parser.add_argument("--largest-component", action="store_true", help="keep each organ's largest component")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--reuse", action="store_true",
+                        help="save each backbone's results in OUT/per_backbone and reuse those of an earlier run "
+                             "with the same weights, cases and settings (resume, or add a backbone)")
     parser.add_argument("-o", "--output-dir", required=True, help="folder for report.json, report.md and plots")
     parser.epilog = "Probe settings: --probe.steps N, --probe.patch_size_vox '[32,64,64]', --probe.timestep t, ..."
 
@@ -69,7 +73,8 @@ def run(args: argparse.Namespace) -> int:
     cfg = EvaluationConfig(regime=args.regime, folds=args.folds, shots=tuple(args.shots), repeats=args.repeats,
                            max_test_cases=args.max_test_cases, heads=tuple(args.heads), seed=args.seed,
                            largest_component=args.largest_component)  # fmt: skip
-    results = evaluate(cases, backbones, cfg, probe_config, organs=organs, progress=log.info)
+    reuse_dir = Path(args.output_dir) / "per_backbone" if args.reuse else None
+    results = evaluate(cases, backbones, cfg, probe_config, organs=organs, progress=log.info, reuse_dir=reuse_dir)
     results["command"] = "diffusionseg evaluate " + " ".join(getattr(args, "argv", []) or [])
     paths = write_evaluation(results, args.output_dir)
     for row in results["rows"]:

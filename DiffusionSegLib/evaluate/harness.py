@@ -9,10 +9,18 @@ Dice and HD95 are measured on each case's own grid against its manual labels. Tw
 
 The results dict has per-case metrics, summaries and report rows; :func:`write_evaluation` turns it into
 JSON, a markdown table and PNG plots (the timestep ablation when the backbones differ in T).
+
+With ``reuse_dir``, each backbone's per-case results are saved there as soon as it is done, under a key made of
+everything that determines them (the weights' and BPR's hashes, the cases and splits, the organs, the evaluation
+and probe configs); a later run with the same key takes them instead of recomputing. An interrupted comparison
+resumes at the backbone it was on, and a backbone added to a comparison costs only its own evaluation. The code
+version is not part of the key (each saved file records its commit, and the report lists what it reused).
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -26,7 +34,7 @@ from DiffusionSegLib.data.datasets import LabeledCase
 from DiffusionSegLib.data.labels import OrganLabel
 from DiffusionSegLib.errors import UserInputError
 
-__all__ = ["EvaluationConfig", "evaluate", "make_splits", "timestep_curves", "write_evaluation"]
+__all__ = ["EvaluationConfig", "evaluate", "make_splits", "reuse_key", "timestep_curves", "write_evaluation"]
 
 log = logging.getLogger(__name__)
 
@@ -84,9 +92,36 @@ def make_splits(case_ids: Sequence[str], cfg: EvaluationConfig) -> list[dict]:
     return splits
 
 
+def reuse_key(backbone, cfg: EvaluationConfig, probe_config, organs: Sequence[OrganLabel], splits: Sequence[dict]) -> str:
+    """Hash of everything that determines a backbone's per-case results (see the module docstring)."""
+    facts = {"backbone": backbone.sha256, "bpr": backbone.bpr_sha256, "evaluation": asdict(cfg),
+             "probe": asdict(probe_config), "organs": [[o.value, o.name] for o in organs],
+             "splits": [[s["name"], s["train"], s["test"]] for s in splits]}  # fmt: skip
+    return hashlib.sha256(json.dumps(facts, sort_keys=True, default=str).encode()).hexdigest()[:24]
+
+
+def _load_reused(path: Path, method: str) -> tuple[list[dict], dict] | None:
+    try:
+        saved = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    rows = [dict(row, method=method) for row in saved["per_case"]]
+    return rows, {"file": str(path), "git_commit": saved.get("git_commit"), "library": saved.get("library")}
+
+
+def _save_reusable(path: Path, key: str, backbone, rows: list[dict], seconds: float) -> None:
+    from DiffusionSegLib.checkpoint import atomic_write, git_commit, library_version
+    from DiffusionSegLib.evaluate.report import to_json_safe
+
+    payload = {"key": key, "backbone": str(backbone.path), "sha256": backbone.sha256, "per_case": rows,
+               "seconds": round(seconds, 1), "git_commit": git_commit(), "library": library_version()}  # fmt: skip
+    text = json.dumps(to_json_safe(payload), indent=1, allow_nan=False)
+    atomic_write(path, lambda temporary: Path(temporary).write_text(text))
+
+
 def evaluate(cases: Sequence[LabeledCase], backbones: Mapping[str, object], cfg: EvaluationConfig,
              probe_config=None, *, organs: Sequence[OrganLabel] | None = None,
-             progress: Callable[[str], None] | None = None) -> dict:  # fmt: skip
+             progress: Callable[[str], None] | None = None, reuse_dir: str | Path | None = None) -> dict:  # fmt: skip
     """Run the comparison.
 
     Work is shared wherever the result cannot change: per backbone, each training case is prepared and its
@@ -102,9 +137,12 @@ def evaluate(cases: Sequence[LabeledCase], backbones: Mapping[str, object], cfg:
             replaced by each of ``cfg.heads``).
         organs: the organs to learn and score (default: the labels of the first case).
         progress: called with a line of text after each probe and test case.
+        reuse_dir: save each backbone's per-case results here, and take them from here when a file with the
+            same :func:`reuse_key` exists (``None``: always compute, save nothing).
 
     Returns:
-        ``{"config", "splits", "per_case": [...], "summaries": {...}, "rows": [...], "timings": {...}}``.
+        ``{"config", "splits", "per_case": [...], "summaries": {...}, "rows": [...], "timings": {...},
+        "reused": {method: {"file", "git_commit", "library"}}}``.
     """
     import SimpleITK as sitk
 
@@ -132,8 +170,19 @@ def evaluate(cases: Sequence[LabeledCase], backbones: Mapping[str, object], cfg:
     device = resolve_device(base.device)
     per_case: list[dict] = []
     timings: dict[str, float] = {"cache_features_s": 0.0, "train_probe_s": 0.0, "segment_s": 0.0}
+    reused: dict[str, dict] = {}
     for method, backbone in backbones.items():
-        started = time.perf_counter()
+        reuse_path = None
+        if reuse_dir is not None:
+            reuse_path = Path(reuse_dir) / f"{reuse_key(backbone, cfg, base, organs, splits)}.json"
+            loaded = _load_reused(reuse_path, method) if reuse_path.exists() else None
+            if loaded is not None:
+                per_case += loaded[0]
+                reused[method] = loaded[1]
+                say(f"{method}: results reused from {reuse_path}")
+                continue
+        backbone_started = started = time.perf_counter()
+        backbone_rows: list[dict] = []
         extractor = FeatureExtractor(backbone, feature_cfg).to(device)
         patch_sets = {}
         for case_id in training_cases:
@@ -158,11 +207,14 @@ def evaluate(cases: Sequence[LabeledCase], backbones: Mapping[str, object], cfg:
                 for head, result in zip(cfg.heads, results):
                     metrics = organ_metrics(sitk.GetArrayViewFromImage(result.labels),
                                             sitk.GetArrayViewFromImage(reference), organs, reference.GetSpacing())  # fmt: skip
-                    per_case.append({"method": method, "probe": head, "split": split["name"],
-                                     "regime": split["regime"], "case": case_id, "metrics": metrics})  # fmt: skip
+                    backbone_rows.append({"method": method, "probe": head, "split": split["name"],
+                                          "regime": split["regime"], "case": case_id, "metrics": metrics})  # fmt: skip
                     mean = np.nanmean([m["dice"] for m in metrics.values()])
                     say(f"  {method} / {head} / {case_id}: mean Dice {mean:.3f}")
         del patch_sets
+        per_case += backbone_rows
+        if reuse_path is not None:
+            _save_reusable(reuse_path, reuse_path.stem, backbone, backbone_rows, time.perf_counter() - backbone_started)
     summaries: dict[str, dict] = {}
     rows = []
     for method in backbones:
@@ -174,7 +226,7 @@ def evaluate(cases: Sequence[LabeledCase], backbones: Mapping[str, object], cfg:
                 extra = _backbone_facts(backbones[method])
                 rows.append(row_from_summary(method, head, regime, summary, **extra))
     return {"config": asdict(cfg), "probe_config": asdict(base), "splits": splits, "per_case": per_case,
-            "summaries": summaries, "rows": rows, "timings": timings}  # fmt: skip
+            "summaries": summaries, "rows": rows, "timings": timings, "reused": reused}  # fmt: skip
 
 
 def _backbone_facts(backbone) -> dict:
@@ -207,7 +259,12 @@ def write_evaluation(results: dict, out_dir: str | Path, title: str = "Diffusion
     from DiffusionSegLib.evaluate.report import write_report
 
     out_dir = Path(out_dir)
-    paths = write_report(dict(results, title=title), out_dir)
+    notes = [results["notes"]] if results.get("notes") else []
+    if results.get("reused"):
+        notes.append("Results of " + ", ".join(f"{method} (commit {str(info.get('git_commit'))[:10]})"
+                                               for method, info in results["reused"].items())
+                     + " were reused from an earlier run with the same weights, cases and settings.")  # fmt: skip
+    paths = write_report(dict(results, title=title, notes="\n\n".join(notes)), out_dir)
     for (head, regime, use_bpr, steps), curves in timestep_curves(results).items():
         if len(curves) >= 2:
             inputs = "diffusion + BPR" if use_bpr else "diffusion"

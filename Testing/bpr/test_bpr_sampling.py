@@ -46,3 +46,19 @@ def test_pairs_overlap_and_are_reproducible():
     extent = torch.tensor([32, 32, 16]) * first.step_mm[0::2]
     assert torch.all((first.centre_mm[1::2] - first.centre_mm[0::2]).abs() <= 0.5 * extent + 1e-4)
     assert 0 <= float(first.images.min()) and float(first.images.max()) <= 1
+
+
+def test_far_pairs_reach_across_the_scan_along_z_only():
+    cfg = BPRConfig(patch_size_vox=(16, 32, 32), channels=(4, 8, 16))
+    prepared = prepare_volume(read_volume(data_path("labeled/totalseg_example_ct_sm_3mm.nii.gz")))
+    volumes = [TrainingVolume.from_image(prepared.image, cfg.window_hu, cfg.pool_zyx)]
+    near = sample_crop_pairs(volumes, 32, cfg.patch_size_vox, torch.Generator().manual_seed(1))
+    far = sample_crop_pairs(volumes, 32, cfg.patch_size_vox, torch.Generator().manual_seed(1), far_pair_fraction=1.0)
+    extent = torch.tensor([32, 32, 16]) * far.step_mm[0::2]
+    shift = (far.centre_mm[1::2] - far.centre_mm[0::2]).abs()
+    assert torch.all(shift[:, :2] <= 0.5 * extent[:, :2] + 1e-4)  # in-plane: overlapping as before
+    assert torch.any(shift[:, 2] > 0.5 * extent[:, 2])  # along z: anywhere in the scan
+    assert torch.all(far.centre_mm[1::2, 2] <= volumes[0].extent_mm[2] + 1e-4)
+    near_shift = (near.centre_mm[1::2] - near.centre_mm[0::2]).abs()
+    near_extent = torch.tensor([32, 32, 16]) * near.step_mm[0::2]
+    assert torch.all(near_shift[:, 2] <= 0.5 * near_extent[:, 2] + 1e-4)

@@ -59,6 +59,15 @@ def test_resume_continues_exactly_from_the_saved_step(tmp_path):
     assert [json.loads(line)["step"] for line in lines] == [1, 2, 3, 4]
 
 
+def test_checkpoint_from_before_a_new_config_field_still_resumes(tmp_path):
+    volumes = load_training_volumes([data_path(SMALL_CT)], BPRConfig(**TINY), progress=False)
+    fit_bpr(volumes, BPRConfig(**TINY, steps=1), tmp_path, progress=False)
+    state = load_training_state(tmp_path / STATE_NAME)
+    del state["config"]["far_pair_fraction"]  # as written before the field existed
+    torch.save(state, tmp_path / STATE_NAME)
+    assert fit_bpr(volumes, BPRConfig(**TINY, steps=2), tmp_path, progress=False).history[0]["step"] == 2
+
+
 def test_bpr_train_command_checkpoints_and_resumes(tmp_path, capsys):
     ct, out = str(data_path(SMALL_CT)), tmp_path / "run"
     tiny = ["--patch-size", "16", "32", "32", "--channels", "4", "8", "16", "--points", "16", "--batch-pairs", "1",

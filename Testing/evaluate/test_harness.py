@@ -31,11 +31,11 @@ def test_fewshot_splits_have_the_asked_sizes():
         make_splits(ids, EvaluationConfig(regime="fewshot", shots=(6,)))
 
 
-def _evaluate_ircadb(out, backbone, heads):
+def _evaluate_ircadb(out, backbone, heads, *extra):
     argv = ["evaluate", "--data", str(data_path("labeled")), "--label-kind", "organs", "--max-cases", "2",
             "--backbone", f"random={backbone.path}", "--folds", "2", "--heads", *heads, "--organs", "liver",
             "-o", str(out), "--probe.steps", "60", "--probe.patch_size_vox", "[16,32,32]",
-            "--probe.patches_per_volume", "8", "--probe.hidden_channels", "8"]  # fmt: skip
+            "--probe.patches_per_volume", "8", "--probe.hidden_channels", "8", *extra]  # fmt: skip
     assert main(argv) == 0
     return json.loads((out / "report.json").read_text())
 
@@ -67,6 +67,23 @@ def test_sharing_features_between_heads_does_not_change_the_results(tmp_path, bo
     probe's scores must be exactly those of an evaluation that trains and tests the linear head alone."""
     alone = _evaluate_ircadb(tmp_path / "linear", tiny_backbone, ["linear"])["per_case"]
     assert [r for r in both_heads[1]["per_case"] if r["probe"] == "linear"] == alone
+
+
+def test_reuse_takes_saved_results_of_the_same_backbone_and_settings_only(tmp_path, tiny_backbone, monkeypatch):
+    import DiffusionSegLib.probe as probe
+
+    first = _evaluate_ircadb(tmp_path, tiny_backbone, ["linear"], "--reuse")
+    assert len(list((tmp_path / "per_backbone").glob("*.json"))) == 1
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("segmented again")
+
+    monkeypatch.setattr(probe, "segment_with_probes", refuse)
+    second = _evaluate_ircadb(tmp_path, tiny_backbone, ["linear"], "--reuse")
+    assert second["per_case"] == first["per_case"] and second["rows"] == first["rows"]
+    assert "reused" in (tmp_path / "report.md").read_text()
+    with pytest.raises(AssertionError, match="segmented again"):  # other probe settings: computed afresh
+        _evaluate_ircadb(tmp_path, tiny_backbone, ["linear"], "--reuse", "--probe.steps", "30")
 
 
 def test_timestep_curves_join_only_backbones_that_differ_in_T():
