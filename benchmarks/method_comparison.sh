@@ -7,7 +7,9 @@
 # 20 shared BTCV cases writes benchmarks/results/method_comparison/report.{md,json} and the ablation plots.
 # Each backbone's results are kept in benchmarks/results/method_comparison/per_backbone (evaluate --reuse): a
 # rerun evaluates only backbones (or settings) it has not seen, so adding a T to $ABLATION_T costs one backbone.
-#   bash benchmarks/method_comparison.sh [PYTHON] [train|evaluate|all]
+# The few-shot regime (phase `fewshot`, part of `all`): the five methods' T = 10 backbones, non-linear probes trained
+# on 1, 2 and 5 labeled cases, 3 other cases tested per size -> benchmarks/results/method_comparison_fewshot.
+#   bash benchmarks/method_comparison.sh [PYTHON] [train|evaluate|fewshot|all]
 #   STEPS=1000 ABLATION_T="100 1000" bash benchmarks/method_comparison.sh .venv/bin/python
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -49,6 +51,12 @@ done
 # for the full protocol.
 PROBE=(--probe.steps 100 --probe.patches_per_volume 8 --probe.val_every 50 --probe.hidden_channels 32
        --probe.window_vox "[48,128,128]")
-"$PY" -m DiffusionSegLib.cli evaluate --data "$DATA/btcv" --regime kfold --folds 5 --max-test-cases 1 \
-    --largest-component --heads linear nonlinear --reuse "${BACKBONES[@]}" "${PROBE[@]}" \
-    -o benchmarks/results/method_comparison
+if [ "$PHASE" != fewshot ]; then
+    "$PY" -m DiffusionSegLib.cli evaluate --data "$DATA/btcv" --regime kfold --folds 5 --max-test-cases 1 \
+        --largest-component --heads linear nonlinear --reuse "${BACKBONES[@]}" "${PROBE[@]}" \
+        -o benchmarks/results/method_comparison
+fi
+[ "$PHASE" = evaluate ] && exit 0
+"$PY" -m DiffusionSegLib.cli evaluate --data "$DATA/btcv" --regime fewshot --shots 1 2 5 --max-test-cases 3 \
+    --largest-component --heads nonlinear --reuse "${BACKBONES[@]:0:10}" "${PROBE[@]}" \
+    -o benchmarks/results/method_comparison_fewshot

@@ -92,11 +92,13 @@ def make_splits(case_ids: Sequence[str], cfg: EvaluationConfig) -> list[dict]:
     return splits
 
 
-def reuse_key(backbone, cfg: EvaluationConfig, probe_config, organs: Sequence[OrganLabel], splits: Sequence[dict]) -> str:
-    """Hash of everything that determines a backbone's per-case results (see the module docstring)."""
+def reuse_key(backbone, cfg: EvaluationConfig, probe_config, organs: Sequence[OrganLabel], splits: Sequence[dict],
+              device: str = "cpu") -> str:  # fmt: skip
+    """Hash of everything that determines a backbone's per-case results (see the module docstring); ``device``
+    is the kind the work runs on (``"cpu"``, ``"cuda"``): GPU and CPU results differ in the last digits."""
     facts = {"backbone": backbone.sha256, "bpr": backbone.bpr_sha256, "evaluation": asdict(cfg),
              "probe": asdict(probe_config), "organs": [[o.value, o.name] for o in organs],
-             "splits": [[s["name"], s["train"], s["test"]] for s in splits]}  # fmt: skip
+             "splits": [[s["name"], s["train"], s["test"]] for s in splits], "device": str(device)}  # fmt: skip
     return hashlib.sha256(json.dumps(facts, sort_keys=True, default=str).encode()).hexdigest()[:24]
 
 
@@ -174,7 +176,7 @@ def evaluate(cases: Sequence[LabeledCase], backbones: Mapping[str, object], cfg:
     for method, backbone in backbones.items():
         reuse_path = None
         if reuse_dir is not None:
-            reuse_path = Path(reuse_dir) / f"{reuse_key(backbone, cfg, base, organs, splits)}.json"
+            reuse_path = Path(reuse_dir) / f"{reuse_key(backbone, cfg, base, organs, splits, device.type)}.json"
             loaded = _load_reused(reuse_path, method) if reuse_path.exists() else None
             if loaded is not None:
                 per_case += loaded[0]

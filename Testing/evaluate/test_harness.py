@@ -10,7 +10,9 @@ from helpers import data_path
 
 from DiffusionSegLib.cli import main
 from DiffusionSegLib.errors import UserInputError
-from DiffusionSegLib.evaluate.harness import EvaluationConfig, make_splits, timestep_curves
+from DiffusionSegLib.data.datasets import find_labeled_cases
+from DiffusionSegLib.evaluate.harness import EvaluationConfig, make_splits, reuse_key, timestep_curves
+from DiffusionSegLib.probe import ProbeConfig
 
 
 def test_kfold_tests_every_case_once_and_never_trains_on_it():
@@ -74,6 +76,10 @@ def test_reuse_takes_saved_results_of_the_same_backbone_and_settings_only(tmp_pa
 
     first = _evaluate_ircadb(tmp_path, tiny_backbone, ["linear"], "--reuse")
     assert len(list((tmp_path / "per_backbone").glob("*.json"))) == 1
+    splits, organs = first["splits"], list(find_labeled_cases(data_path("labeled"), "organs")[0].labels)
+    cfg, probe_cfg = EvaluationConfig(), ProbeConfig()
+    assert reuse_key(tiny_backbone, cfg, probe_cfg, organs, splits, "cuda") != reuse_key(
+        tiny_backbone, cfg, probe_cfg, organs, splits, "cpu")  # GPU results are not CPU results
 
     def refuse(*args, **kwargs):
         raise AssertionError("segmented again")
