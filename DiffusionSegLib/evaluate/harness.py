@@ -103,19 +103,21 @@ def reuse_key(backbone, cfg: EvaluationConfig, probe_config, organs: Sequence[Or
 
 
 def _load_reused(path: Path, method: str) -> tuple[list[dict], dict] | None:
+    """The saved rows (renamed to ``method``) and their provenance; ``None`` (with a warning) if unreadable."""
     try:
         saved = json.loads(path.read_text())
-    except (OSError, ValueError):
+        rows = [dict(row, method=method) for row in saved["per_case"]]
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        log.warning("cannot reuse %s (%s); computing %s again", path, error, method)
         return None
-    rows = [dict(row, method=method) for row in saved["per_case"]]
     return rows, {"file": str(path), "git_commit": saved.get("git_commit"), "library": saved.get("library")}
 
 
-def _save_reusable(path: Path, key: str, backbone, rows: list[dict], seconds: float) -> None:
+def _save_reusable(path: Path, backbone, rows: list[dict], seconds: float) -> None:
     from DiffusionSegLib.checkpoint import atomic_write, git_commit, library_version
     from DiffusionSegLib.evaluate.report import to_json_safe
 
-    payload = {"key": key, "backbone": str(backbone.path), "sha256": backbone.sha256, "per_case": rows,
+    payload = {"key": path.stem, "backbone": str(backbone.path), "sha256": backbone.sha256, "per_case": rows,
                "seconds": round(seconds, 1), "git_commit": git_commit(), "library": library_version()}  # fmt: skip
     text = json.dumps(to_json_safe(payload), indent=1, allow_nan=False)
     atomic_write(path, lambda temporary: Path(temporary).write_text(text))
@@ -164,7 +166,13 @@ def evaluate(cases: Sequence[LabeledCase], backbones: Mapping[str, object], cfg:
     by_id = {case.case_id: case for case in cases}
     splits = make_splits(list(by_id), cfg)
     needed = sorted({c for split in splits for c in split["train"] + split["test"]})
-    images = {c: (read_volume(by_id[c].image), read_volume(by_id[c].label)) for c in needed}
+    images: dict[str, tuple] = {}  # read on first use (not at all when every backbone's results are reused)
+
+    def image_and_label(case_id: str) -> tuple:
+        if case_id not in images:
+            images[case_id] = (read_volume(by_id[case_id].image), read_volume(by_id[case_id].label))
+        return images[case_id]
+
     training_cases = sorted({c for split in splits for c in split["train"]})
     base = probe_config or ProbeConfig()
     head_configs = {head: replace(base, head=head) for head in cfg.heads}
@@ -188,7 +196,7 @@ def evaluate(cases: Sequence[LabeledCase], backbones: Mapping[str, object], cfg:
         extractor = FeatureExtractor(backbone, feature_cfg).to(device)
         patch_sets = {}
         for case_id in training_cases:
-            volume = prepare_labeled_volume(*images[case_id], organs, backbone, feature_cfg, case_id, device=device)
+            volume = prepare_labeled_volume(*image_and_label(case_id), organs, backbone, feature_cfg, case_id, device=device)
             rng = np.random.default_rng([cfg.seed, needed.index(case_id)])
             origins = sample_patch_origins(volume.classes, base.patch_size_vox, base.patches_per_volume, rng)
             patch_sets[case_id] = cache_patch_features(volume, origins, extractor, base, device)
@@ -202,7 +210,7 @@ def evaluate(cases: Sequence[LabeledCase], backbones: Mapping[str, object], cfg:
                 timings["train_probe_s"] += time.perf_counter() - started
                 say(f"{method} / {head} / {split['name']}: probe trained on {len(split['train'])} case(s)")
             for case_id in split["test"]:
-                ct, reference = images[case_id]
+                ct, reference = image_and_label(case_id)
                 started = time.perf_counter()
                 results = segment_with_probes(ct, probes, backbone, largest_component=cfg.largest_component)
                 timings["segment_s"] += time.perf_counter() - started
@@ -216,7 +224,7 @@ def evaluate(cases: Sequence[LabeledCase], backbones: Mapping[str, object], cfg:
         del patch_sets
         per_case += backbone_rows
         if reuse_path is not None:
-            _save_reusable(reuse_path, reuse_path.stem, backbone, backbone_rows, time.perf_counter() - backbone_started)
+            _save_reusable(reuse_path, backbone, backbone_rows, time.perf_counter() - backbone_started)
     summaries: dict[str, dict] = {}
     rows = []
     for method in backbones:
