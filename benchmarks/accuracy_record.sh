@@ -3,7 +3,7 @@
 # 5-fold cross-validation (the paper's regime: probes trained on 16 cases), non-linear probe, next to a
 # random-init backbone of the same architecture (no pretraining, no BPR); with --fewshot also the few-shot regime
 # (1, 2, 5 labeled cases).
-# Every case is tested once (4 per fold). Probe settings sized for 2 CPU cores (about 40 min; few-shot, on 3 test
+# Every case is tested once (4 per fold). Probe settings sized for 2 CPU cores (about 45 min; few-shot, on 3 test
 # cases per training-set size, 20 min more): 8 patches per training case, 200 probe steps, 48 x 128 x 128
 # inference windows. With a GPU, drop the --probe.* options and add "--heads linear nonlinear".
 # Each backbone's results are kept in OUT/per_backbone (--reuse): a rerun computes only what changed.

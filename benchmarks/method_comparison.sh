@@ -38,11 +38,12 @@ if [ "$PHASE" != evaluate ]; then
 fi
 [ "$PHASE" = train ] && exit 0
 
-BACKBONES=(--backbone "diffusion + BPR=$RUNS/diffusion_bpr_T10/backbone.safetensors"
-           --backbone "diffusion=$RUNS/diffusion_T10/backbone.safetensors"
-           --backbone "restorative=$RUNS/restorative/backbone.safetensors"
-           --backbone "contrastive=$RUNS/contrastive/backbone.safetensors"
-           --backbone "random init=$RUNS/random/backbone.safetensors")
+METHODS=(--backbone "diffusion + BPR=$RUNS/diffusion_bpr_T10/backbone.safetensors"
+         --backbone "diffusion=$RUNS/diffusion_T10/backbone.safetensors"
+         --backbone "restorative=$RUNS/restorative/backbone.safetensors"
+         --backbone "contrastive=$RUNS/contrastive/backbone.safetensors"
+         --backbone "random init=$RUNS/random/backbone.safetensors")
+BACKBONES=("${METHODS[@]}")  # + the ablation's T
 for T in $ABLATION_T; do
     BACKBONES+=(--backbone "diffusion + BPR (T $T)=$RUNS/diffusion_bpr_T$T/backbone.safetensors")
 done
@@ -58,5 +59,5 @@ if [ "$PHASE" != fewshot ]; then
 fi
 [ "$PHASE" = evaluate ] && exit 0
 "$PY" -m DiffusionSegLib.cli evaluate --data "$DATA/btcv" --regime fewshot --shots 1 2 5 --max-test-cases 3 \
-    --largest-component --heads nonlinear --reuse "${BACKBONES[@]:0:10}" "${PROBE[@]}" \
+    --largest-component --heads nonlinear --reuse "${METHODS[@]}" "${PROBE[@]}" \
     -o benchmarks/results/method_comparison_fewshot

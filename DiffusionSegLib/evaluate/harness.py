@@ -12,7 +12,7 @@ JSON, a markdown table and PNG plots (the timestep ablation when the backbones d
 
 With ``reuse_dir``, each backbone's per-case results are saved there as soon as it is done, under a key made of
 everything that determines them (the weights' and BPR's hashes, the cases and splits, the organs, the evaluation
-and probe configs); a later run with the same key takes them instead of recomputing. An interrupted comparison
+and probe configs, the device kind); a later run with the same key takes them instead of recomputing. An interrupted comparison
 resumes at the backbone it was on, and a backbone added to a comparison costs only its own evaluation. The code
 version is not part of the key (each saved file records its commit, and the report lists what it reused).
 """
