@@ -2,7 +2,7 @@
 
 Usage::
 
-    python benchmarks/bpr_quality.py [--weights FILE] [--data DIR] [--out DIR] [--quick] [--threads N]
+    python benchmarks/bpr_quality.py [--weights FILE] [--data DIR] [--out DIR] [--quick] [--mode M] [--threads N]
 
 Measured on the real CT of ``../shared/data`` (labels are used for evaluation only):
 
@@ -15,7 +15,8 @@ Measured on the real CT of ``../shared/data`` (labels are used for evaluation on
 * **invariance** — the same physical voxel (inside the body) seen (a) in two overlapping fields of view (the
   upper and lower two thirds of the scan, whole pipeline), (b) by the raw network in two single patches shifted
   by half a patch, (c) after resampling the input to another grid (2×2×4 mm, shifted origin), (d) with HU
-  clipped to [-125, 275] and quantised to 8 bits like the BTCV copies: |Δ| (vector norm, mm-equivalent),
+  clipped to [-125, 275] and quantised to 8 bits like the BTCV copies (slice design, (b): two crops of every
+  slice whose centres are a quarter crop apart along x and y): |Δ| (vector norm, mm-equivalent),
   mean / p95 and the fraction within 5 mm.
 
 Writes ``benchmarks/results/bpr_quality.{json,md}``. Takes several minutes on 2 CPU cores (``--quick``: a few
@@ -40,6 +41,9 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from DiffusionSegLib.bpr import default_bpr_path, load_bpr, predict_working_coordinates  # noqa: E402
+from DiffusionSegLib.bpr.inference import default_mode  # noqa: E402
+from DiffusionSegLib.bpr.sampling import TrainingVolume  # noqa: E402
+from DiffusionSegLib.bpr.slice_model import SliceBodyPartRegressor, sample_slices, slice_centres_mm  # noqa: E402
 from DiffusionSegLib.checkpoint import file_sha256, git_commit, library_version, load_weights  # noqa: E402
 from DiffusionSegLib.data.datasets import find_images, find_labeled_cases  # noqa: E402
 from DiffusionSegLib.data.volume import read_volume  # noqa: E402
@@ -121,6 +125,26 @@ def _difference(a: np.ndarray, b: np.ndarray, mask: np.ndarray) -> dict:
             "within_5mm": round(float((norm <= 5.0).mean()), 4), "voxels": int(norm.size)}  # fmt: skip
 
 
+def _two_slice_crops(model, hu: torch.Tensor, body: np.ndarray) -> dict:
+    """Slice design: |Δ offset| between two crops of the same slice (centred on the body, and moved by a quarter
+    crop along x and y), per body voxel."""
+    cfg = model.config
+    volume = TrainingVolume.from_array(hu, cfg.spacing_mm, cfg.window_hu, cfg.pool_zyx)
+    z = torch.arange(hu.shape[0], dtype=torch.float32)[:, None] * cfg.spacing_mm[2]
+    centre = torch.cat([slice_centres_mm(hu, cfg.spacing_mm), z], dim=1)
+    shift = torch.tensor([1.0, 1.0, 0.0]) * cfg.slice_size_px * cfg.slice_step_mm / 4
+    step = torch.full((hu.shape[0], 2), cfg.slice_step_mm)
+    with torch.no_grad():
+        offsets = []
+        for c in (centre, centre + shift):
+            crops = sample_slices(volume.pooled, volume.spacing_mm, volume.pool_zyx, c, step, cfg)
+            offsets.append(model(crops, step) - c)
+    per_slice = torch.linalg.vector_norm(offsets[0] - offsets[1], dim=1).numpy()
+    norm = np.repeat(per_slice, body.reshape(body.shape[0], -1).sum(1))
+    return {"mean_mm": round(float(norm.mean()), 2), "p95_mm": round(float(np.percentile(norm, 95)), 2),
+            "within_5mm": round(float((norm <= 5.0).mean()), 4), "voxels": int(norm.size)}  # fmt: skip
+
+
 def invariance(model, working: sitk.Image, coords: np.ndarray, mode: str) -> dict:
     cfg = model.config
     body = _body_mask(working)
@@ -135,10 +159,13 @@ def invariance(model, working: sitk.Image, coords: np.ndarray, mode: str) -> dic
         lower = predict_working_coordinates(array[:cut_high], model, mode=mode)[0].numpy()
         overlap = slice(cut_low, cut_high)
         results["two_fields_of_view"] = _difference(upper[:, : cut_high - cut_low], lower[:, overlap], body[overlap])
-    # (b) the raw network on two single patches shifted by half a patch along every axis
-    patch = np.array(cfg.patch_size_vox)
+    # (b) the raw network on two single patches shifted by half a patch along every axis (slice design: two crops
+    # of every slice, centres a quarter crop apart along x and y)
+    if isinstance(model, SliceBodyPartRegressor):
+        results["two_patches_network"] = _two_slice_crops(model, hu, body)
+    patch = np.array(getattr(cfg, "patch_size_vox", (0, 0, 0)))
     shift = patch // 2
-    if np.all(np.array(hu.shape) >= patch + shift):
+    if patch.all() and np.all(np.array(hu.shape) >= patch + shift):
         from DiffusionSegLib.preprocess import scale_hu
 
         with torch.no_grad():
@@ -170,8 +197,9 @@ def invariance(model, working: sitk.Image, coords: np.ndarray, mode: str) -> dic
     return results
 
 
-def evaluate(weights: Path, data: Path, quick: bool, mode: str) -> dict:
+def evaluate(weights: Path, data: Path, quick: bool, mode: str | None) -> dict:
     model, cfg = load_bpr(weights)
+    mode = mode or default_mode(model)
     _, _, metadata = load_weights(weights, kind="bpr")
     pre = PreprocessConfig(spacing_mm=cfg.spacing_mm)
     labeled = [c for c in find_labeled_cases(data / "btcv")]
@@ -256,8 +284,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data", help="the shared CT data")
     parser.add_argument("--out", type=Path, default=None, help="results folder (default benchmarks/results)")
     parser.add_argument("--quick", action="store_true", help="a few scans only; prints unless --out is given")
-    parser.add_argument("--mode", choices=("translation", "affine", "dense"), default="translation",
-                        help="whole-volume aggregation of predict_working_coordinates (default translation)")
+    parser.add_argument("--mode", choices=("monotone", "translation", "affine", "dense"), default=None,
+                        help="whole-volume aggregation of predict_working_coordinates (default: the design's)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     args = parser.parse_args(argv)
     if args.threads:

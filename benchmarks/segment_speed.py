@@ -120,7 +120,7 @@ def run_monai_baseline(volume: Path, backbone, probe, device: torch.device, out_
     from DiffusionSegLib.bpr import load_bpr
     from DiffusionSegLib.bpr.inference import coordinate_channels
     from DiffusionSegLib.data.volume import write_volume
-    from DiffusionSegLib.features import FeatureExtractor, PyramidPredictor, build_inputs, window_size
+    from DiffusionSegLib.features import FeatureExtractor, PyramidPredictor, backbone_bpr_path, build_inputs, window_size
 
     import SimpleITK as sitk
 
@@ -135,8 +135,9 @@ def run_monai_baseline(volume: Path, backbone, probe, device: torch.device, out_
         hu_zyx = hu_xyz.permute(2, 1, 0).contiguous()
     cfg = probe.config.feature_config(device=str(device))
     with memory.measure("MONAI: BPR", times):
-        bpr, _ = load_bpr(backbone.pretrain.bpr_weights or None)
-        coords = coordinate_channels(hu_zyx, bpr, device=device) if backbone.use_bpr else None
+        coords = None
+        if backbone.use_bpr:
+            coords = coordinate_channels(hu_zyx, load_bpr(backbone_bpr_path(backbone))[0], device=device)
         inputs = build_inputs(hu_zyx, backbone, cfg, coords=coords, device=device)
     with memory.measure("MONAI: sliding_window_inference", times):
         extractor = FeatureExtractor(backbone, cfg, inputs.num_coords).to(device)

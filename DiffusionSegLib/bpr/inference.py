@@ -16,11 +16,13 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 
-from DiffusionSegLib.bpr.model import UNIT_MM, BodyPartRegressor, BPRConfig
+from DiffusionSegLib.bpr.model import UNIT_MM, AnyBPR, AnyBPRConfig
+from DiffusionSegLib.bpr.sampling import TrainingVolume
+from DiffusionSegLib.bpr.slice_model import SliceBodyPartRegressor, sample_slices, slice_centres_mm
 from DiffusionSegLib.preprocess import PreparedVolume, PreprocessConfig, prepare_volume, scale_hu, to_input_grid
 from DiffusionSegLib.preprocess.spatial import grid_like, resample_onto
 
-__all__ = ["predict_working_coordinates", "predict_body_coordinates", "coordinates_to_image", "MODES"]
+__all__ = ["predict_working_coordinates", "predict_body_coordinates", "coordinates_to_image", "default_mode", "MODES"]
 
 
 def _working_tensor(working: torch.Tensor | np.ndarray | sitk.Image | PreparedVolume) -> torch.Tensor:
@@ -37,17 +39,14 @@ def _working_tensor(working: torch.Tensor | np.ndarray | sitk.Image | PreparedVo
     return tensor
 
 
-MODES = ("translation", "affine", "dense")
+MODES = ("translation", "affine", "monotone", "dense")
 _SCALE_RANGE = (0.5, 2.0)
 BODY_HU = -100.0
 
 
 def _fit_to_position(coordinates: torch.Tensor, hu: torch.Tensor, spacing_mm, mode: str) -> torch.Tensor:
     """Reduce a blended map to a function of physical position, fitted over body voxels (see ``mode``)."""
-    shape = coordinates.shape[-3:]
-    axes = [torch.arange(n, dtype=torch.float32) * s for n, s in zip(reversed(shape), spacing_mm)]  # x, y, z
-    zz, yy, xx = torch.meshgrid(axes[2], axes[1], axes[0], indexing="ij")
-    position = torch.stack([xx, yy, zz])  # (3, D, H, W)
+    position = _positions_mm(coordinates.shape[-3:], spacing_mm)
     body = hu[0, 0] > BODY_HU
     if not bool(body.any()):
         body = torch.ones_like(body)
@@ -63,27 +62,102 @@ def _fit_to_position(coordinates: torch.Tensor, hu: torch.Tensor, spacing_mm, mo
     return fitted[None]
 
 
+def _monotone_slices(coordinates: torch.Tensor, hu: torch.Tensor, spacing_mm) -> torch.Tensor:
+    """Per working slice one offset (coordinates − position, averaged over the slice's body voxels), the slices'
+    cranio-caudal coordinates made non-decreasing along z by isotonic regression (weighted by body voxels)."""
+    from scipy.optimize import isotonic_regression
+
+    position = _positions_mm(coordinates.shape[-3:], spacing_mm)
+    body = (hu[0, 0] > BODY_HU).double()
+    weight = body.sum(dim=(1, 2))  # (D,)
+    empty = weight == 0
+    mask = torch.where(empty[:, None, None], torch.ones_like(body), body)  # a slice without body: all its voxels
+    offset = ((coordinates[0].double() - position) * mask).sum(dim=(2, 3)) / mask.sum(dim=(1, 2))  # (3, D)
+    z = position[2, :, 0, 0].double() + offset[2]
+    fitted = isotonic_regression(z.numpy(), weights=(weight + 1e-3 * empty).clamp(min=1e-3).numpy()).x
+    offset[2] = torch.from_numpy(fitted) - position[2, :, 0, 0].double()
+    return (position + offset.float()[:, :, None, None])[None]
+
+
+def _aggregate(dense: torch.Tensor, hu: torch.Tensor, spacing_mm, mode: str) -> torch.Tensor:
+    """The dense network map turned into the result of ``mode`` (see :func:`predict_working_coordinates`)."""
+    if mode == "dense":
+        return dense
+    if mode == "monotone":
+        return _monotone_slices(dense, hu, spacing_mm)
+    return _fit_to_position(dense, hu, spacing_mm, mode)
+
+
+def _positions_mm(shape, spacing_mm) -> torch.Tensor:
+    """Physical (x, y, z) of every working voxel in mm from the first one: ``(3, D, H, W)``."""
+    axes = [torch.arange(n, dtype=torch.float32) * s for n, s in zip(reversed(shape), spacing_mm)]  # x, y, z
+    zz, yy, xx = torch.meshgrid(axes[2], axes[1], axes[0], indexing="ij")
+    return torch.stack([xx, yy, zz])
+
+
+def _slice_coordinates(hu: torch.Tensor, model: SliceBodyPartRegressor, device, batch: int = 32) -> torch.Tensor:
+    """Slice design: every working slice's crop (centred on the body in that slice) gives its offset; a voxel's
+    coordinates are its position plus its slice's offset. ``(1, 3, D, H, W)``."""
+    cfg = model.config
+    volume = TrainingVolume.from_array(hu[0, 0], cfg.spacing_mm, cfg.window_hu, cfg.pool_zyx)
+    depth = hu.shape[2]
+    centre = torch.cat([slice_centres_mm(hu[0, 0], cfg.spacing_mm),
+                        torch.arange(depth, dtype=torch.float32)[:, None] * cfg.spacing_mm[2]], dim=1)  # fmt: skip
+    was_training = model.training
+    model.eval()
+    offsets = []
+    try:
+        for start in range(0, depth, batch):
+            chunk = centre[start : start + batch]
+            step = torch.full((chunk.shape[0], 2), cfg.slice_step_mm)
+            crops = sample_slices(volume.pooled, volume.spacing_mm, volume.pool_zyx, chunk, step, cfg)
+            offsets.append(model(crops.to(device), step.to(device)).float().cpu() - chunk)
+    finally:
+        model.train(was_training)
+    offset = torch.cat(offsets)  # (D, 3): anatomical coordinates minus physical position, per slice
+    return (_positions_mm(hu.shape[-3:], cfg.spacing_mm) + offset.T[:, :, None, None])[None]
+
+
+def default_mode(model: AnyBPR) -> str:
+    """How a design's network map becomes coordinates by default: ``"monotone"`` for the slice design (its
+    per-slice offsets are the anatomy), ``"translation"`` for the 3D patch design (the mode its backbones were
+    pretrained with)."""
+    return "monotone" if isinstance(model, SliceBodyPartRegressor) else "translation"
+
+
 @torch.no_grad()
 def predict_working_coordinates(working: torch.Tensor | np.ndarray | sitk.Image | PreparedVolume,
-                                model: BodyPartRegressor, *, mode: str = "translation", overlap: float = 0.25,
+                                model: AnyBPR, *, mode: str | None = None, overlap: float = 0.25,
                                 sw_batch_size: int = 1, device: str | torch.device = "cpu",
                                 progress: bool = False) -> torch.Tensor:  # fmt: skip
-    """Coordinates of every voxel of a working-grid CT (HU), by Gaussian-weighted sliding windows.
+    """Coordinates of every voxel of a working-grid CT (HU).
+
+    Slice design: each working slice's crop (centred on the body in that slice) gives that slice's offset, and
+    a voxel's dense coordinates are its position plus its slice's offset. Patch design: Gaussian-weighted
+    sliding windows.
 
     Args:
         working: HU volume on the BPR's working grid (``model.config.spacing_mm``, canonical LPS): an array
             ``(D, H, W)`` / ``(1, 1, D, H, W)``, a working ``sitk.Image`` or a :class:`PreparedVolume`.
             An ``sitk.Image`` at another spacing is resampled to the BPR's spacing and the result back.
-        model: the BPR (its config gives the HU window and the window size).
-        mode: how the Gaussian-blended window predictions become the result. ``"translation"`` (default):
-            physical position plus one anatomical offset per scan (per axis, the median of coordinate −
-            position over body voxels) — monotonic along every axis, 1 unit = 1 mm, anatomy only in the offset;
+        model: the BPR of either design (its config gives the HU window and the crop or window size).
+        mode: how the dense map (per-slice offsets, or the Gaussian-blended windows) becomes the result;
+            default: the design's (:func:`default_mode`: ``"monotone"`` for the slice design, ``"translation"``
+            for the patch design).
+            ``"monotone"``: one offset per working slice (coordinate − position, averaged over the slice's body
+            voxels), the slices' cranio-caudal coordinates made non-decreasing along z by isotonic regression —
+            anatomy per slice, monotonic in z, 1 unit = 1 mm within a slice, and (slice design) unchanged by
+            cropping the scan along z;
+            ``"translation"``: physical position plus one anatomical offset per scan (per axis, the median of
+            coordinate − position over body voxels) — monotonic along every axis, 1 unit = 1 mm, anatomy only in
+            the offset, which depends on the field of view unless the network's z scale is exact;
             ``"affine"``: per axis the least-squares line ``scale · position + offset`` through the blended map
             (scale clipped to [0.5, 2]); it also follows the network's estimate of the anatomy's size, but an
             under-trained network compresses the cranio-caudal scale (measured: 0.16–0.44 on BTCV), which
-            shrinks every distance; ``"dense"``: the blended map itself (not guaranteed monotonic).
-        overlap: sliding-window overlap in [0, 1).
-        sw_batch_size: windows per forward pass.
+            shrinks every distance; ``"dense"``: the map itself (not guaranteed monotonic; for the slice design
+            unchanged by cropping the scan along z).
+        overlap: sliding-window overlap in [0, 1) (patch design).
+        sw_batch_size: windows per forward pass (patch design).
         device: where the network runs; the result is stitched on the CPU.
         progress: show a progress bar.
 
@@ -94,6 +168,7 @@ def predict_working_coordinates(working: torch.Tensor | np.ndarray | sitk.Image 
 
     if not 0 <= overlap < 1:
         raise ValueError(f"overlap {overlap} is invalid; expected a value in [0, 1)")
+    mode = mode or default_mode(model)
     if mode not in MODES:
         raise ValueError(f"mode {mode!r} is unknown; expected one of {MODES}")
     cfg = model.config
@@ -107,6 +182,9 @@ def predict_working_coordinates(working: torch.Tensor | np.ndarray | sitk.Image 
         back = resample_onto(on_bpr_grid, image, "linear", 0.0)
         return torch.from_numpy(sitk.GetArrayFromImage(back)).permute(3, 0, 1, 2)[None].contiguous()
     hu = _working_tensor(image)
+    if isinstance(model, SliceBodyPartRegressor):
+        result = _slice_coordinates(hu, model, device)
+        return _aggregate(result, hu, cfg.spacing_mm, mode)
     tensor = scale_hu(hu, cfg.window_hu)
     was_training = model.training
     model.eval()
@@ -116,8 +194,7 @@ def predict_working_coordinates(working: torch.Tensor | np.ndarray | sitk.Image 
                                           cval=0.0, sw_device=device, device="cpu", progress=progress)  # fmt: skip
     finally:
         model.train(was_training)
-    result = result.float()
-    return result if mode == "dense" else _fit_to_position(result, hu, cfg.spacing_mm, mode)
+    return _aggregate(result.float(), hu, cfg.spacing_mm, mode)
 
 
 def coordinates_to_image(coordinates: torch.Tensor, reference: sitk.Image) -> sitk.Image:
@@ -133,9 +210,9 @@ def coordinates_to_image(coordinates: torch.Tensor, reference: sitk.Image) -> si
     return image
 
 
-def predict_body_coordinates(image: sitk.Image | PreparedVolume, model: BodyPartRegressor,
-                             cfg: BPRConfig | None = None, *,
-                             mode: str = "translation", overlap: float = 0.25, sw_batch_size: int = 1,
+def predict_body_coordinates(image: sitk.Image | PreparedVolume, model: AnyBPR,
+                             cfg: AnyBPRConfig | None = None, *,
+                             mode: str | None = None, overlap: float = 0.25, sw_batch_size: int = 1,
                              device: str | torch.device = "cpu", progress: bool = False) -> sitk.Image:  # fmt: skip
     """Dense anatomical coordinates of a CT, exactly on its input grid.
 
@@ -164,7 +241,7 @@ def predict_body_coordinates(image: sitk.Image | PreparedVolume, model: BodyPart
     return to_input_grid(coordinates_to_image(working, prepared.image), prepared, "linear", 0.0)
 
 
-def coordinate_channels(working: torch.Tensor | np.ndarray | sitk.Image | PreparedVolume, model: BodyPartRegressor, *,
+def coordinate_channels(working: torch.Tensor | np.ndarray | sitk.Image | PreparedVolume, model: AnyBPR, *,
                         device: str | torch.device = "cpu") -> torch.Tensor:  # fmt: skip
     """BPR coordinates as input channels of the denoising network: (1, 3, D, H, W) in units of 100 mm.
 

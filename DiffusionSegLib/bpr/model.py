@@ -1,13 +1,16 @@
-"""The Body Part Regressor network and its config.
+"""The Body Part Regressor network (3D patch design) and its config; loading and saving of either design.
+
+The default design since 2026-11-25 is the slice design (:mod:`DiffusionSegLib.bpr.slice_model`); this module's
+3D patch design stays loadable and trainable (``bpr-train --design patch``).
 
 The BPR maps a CT patch on the working grid to a dense 3-channel map of *anatomical coordinates* in
 **mm-equivalent** units: channel 0 runs right → left (x), channel 1 anterior → posterior (y), channel 2
 inferior → superior (z, cranio-caudal), the axes of the canonical LPS working grid. Differences of coordinates
 are physical displacements in mm; the origin is anatomical (learned), not the scanner's.
 
-Default design (chosen from measurements, see ``Resources/Models/bpr_default.md``): the patch is average-pooled
-to ~6 mm, each voxel's position relative to the patch centre is given as 3 extra input channels and added to
-the output, and a light 3D CNN encoder (6 → 48 mm, GroupNorm, replicate padding) regresses one offset per
+The patch design (chosen from measurements in the first sessions, see ``Resources/Models/bpr_default.md``):
+the patch is average-pooled to ~6 mm, each voxel's position relative to the patch centre is given as 3 extra
+input channels and added to the output, and a light 3D CNN encoder (6 → 48 mm, GroupNorm, replicate padding) regresses one offset per
 patch: where the patch centre lies in the body. A patch's coordinates are therefore exactly affine in its
 voxels (monotonic, 1 unit = 1 mm); only the offset is learned. Options: soft landmarks and a free per-voxel
 residual field (decoder back to 12 mm), and a content-only network.
@@ -26,9 +29,11 @@ from torch import nn
 from torch.nn import functional as F
 
 from DiffusionSegLib.bpr.sampling import crop_positions_mm
+from DiffusionSegLib.bpr.slice_model import SliceBodyPartRegressor, SliceBPRConfig
 from DiffusionSegLib.preprocess.intensity import check_window
 
-__all__ = ["BPRConfig", "BodyPartRegressor", "COORDINATE_AXES", "UNIT_MM", "default_bpr_path", "load_bpr", "save_bpr"]
+__all__ = ["BPRConfig", "BodyPartRegressor", "COORDINATE_AXES", "UNIT_MM", "default_bpr_path", "load_bpr", "save_bpr",
+           "bpr_config_from_dict", "build_bpr", "AnyBPRConfig", "AnyBPR"]
 
 COORDINATE_AXES = ("x: right to left", "y: anterior to posterior", "z: inferior to superior")
 """Meaning of the three output channels (canonical LPS working grid)."""
@@ -296,6 +301,22 @@ class BodyPartRegressor(nn.Module):
         return tuple(p * 2 for p in self.config.pool_zyx)  # type: ignore[return-value]
 
 
+AnyBPRConfig = BPRConfig | SliceBPRConfig
+AnyBPR = BodyPartRegressor | SliceBodyPartRegressor
+
+
+def bpr_config_from_dict(values: dict) -> AnyBPRConfig:
+    """The config of either design from a saved dict (``design: "slice"``; without it, the 3D patch design)."""
+    if values.get("design") == "slice":
+        return SliceBPRConfig.from_dict(values)
+    return BPRConfig.from_dict({k: v for k, v in values.items() if k != "design" or v != "patch"})
+
+
+def build_bpr(cfg: AnyBPRConfig) -> AnyBPR:
+    """A freshly initialised network of the config's design."""
+    return SliceBodyPartRegressor(cfg) if isinstance(cfg, SliceBPRConfig) else BodyPartRegressor(cfg)
+
+
 def default_bpr_path() -> Path:
     """The shipped default BPR weights (``Resources/Models/bpr_default.safetensors``)."""
     from DiffusionSegLib.resources import resources_dir
@@ -303,8 +324,8 @@ def default_bpr_path() -> Path:
     return resources_dir() / "Models" / "bpr_default.safetensors"
 
 
-def load_bpr(path: str | os.PathLike | None = None) -> tuple[BodyPartRegressor, BPRConfig]:
-    """Rebuild a BPR from a weights file alone (in eval mode, on the CPU).
+def load_bpr(path: str | os.PathLike | None = None) -> tuple[AnyBPR, AnyBPRConfig]:
+    """Rebuild a BPR (either design) from a weights file alone (in eval mode, on the CPU).
 
     Args:
         path: a ``.safetensors`` file written by :func:`save_bpr` / ``fit_bpr``; default: :func:`default_bpr_path`.
@@ -318,15 +339,15 @@ def load_bpr(path: str | os.PathLike | None = None) -> tuple[BodyPartRegressor, 
     path = Path(path) if path is not None else default_bpr_path()
     state_dict, config, _ = load_weights(path, kind="bpr")
     try:
-        cfg = BPRConfig.from_dict(config)
-        model = BodyPartRegressor(cfg)
+        cfg = bpr_config_from_dict(config)
+        model = build_bpr(cfg)
         model.load_state_dict(state_dict)
     except (ValueError, RuntimeError) as error:
         raise UserInputError(f"'{path}' does not hold a usable BPR: {str(error).splitlines()[0]}") from None
     return model.eval(), cfg
 
 
-def save_bpr(path: str | os.PathLike, model: BodyPartRegressor, extra: dict | None = None) -> Path:
+def save_bpr(path: str | os.PathLike, model: AnyBPR, extra: dict | None = None) -> Path:
     """Write a BPR's weights with its config (safetensors, atomic)."""
     from DiffusionSegLib.checkpoint import save_weights
 

@@ -25,7 +25,7 @@ from torch.nn import functional as F
 from DiffusionSegLib.bpr.model import UNIT_MM
 from DiffusionSegLib.bpr.sampling import CropBatch, crop_positions_mm
 
-__all__ = ["bpr_objective"]
+__all__ = ["bpr_objective", "slice_objective"]
 
 
 def _coarse_grid(points_mm: torch.Tensor, centre_mm: torch.Tensor, step_mm: torch.Tensor,
@@ -93,4 +93,28 @@ def bpr_objective(coarse: torch.Tensor, batch: CropBatch, size_zyx: Sequence[int
     loss = pair + invariance_weight * invariance
     stats = {"loss": float(loss.detach()), "pair": float(pair.detach()), "invariance": float(invariance.detach()),
              "rmse_mm": float(torch.sqrt(pair.detach())) * UNIT_MM}  # fmt: skip
+    return loss, stats
+
+
+def slice_objective(offsets: torch.Tensor, centre_mm: torch.Tensor,
+                    crops_per_scan: int) -> tuple[torch.Tensor, dict[str, float]]:  # fmt: skip
+    """Loss of a batch of slice crops: within each scan, coordinate differences match physical displacements.
+
+    ``offsets`` (``(S·K, 3)``, units of 100 mm) are the predicted coordinates of the crop centres ``centre_mm``;
+    ``offsets − centre`` must be the same for every crop of a scan (the scan's anatomical offset). The loss is
+    the mean over all pairs of a scan of ``‖(c_i − c_j) − (p_i − p_j)‖²`` (computed as twice the variance).
+
+    Returns:
+        ``(loss, stats)``; stats hold ``loss``, ``rmse_mm`` (pair RMSE) and ``rmse_z_mm`` (its z part).
+    """
+    k = crops_per_scan
+    if offsets.ndim != 2 or offsets.shape[1] != 3 or offsets.shape[0] % k or offsets.shape != centre_mm.shape:
+        raise ValueError(f"offsets {tuple(offsets.shape)} / centres {tuple(centre_mm.shape)} invalid; expected "
+                         f"(S·{k}, 3) each")  # fmt: skip
+    residual = (offsets - centre_mm.to(offsets.dtype) / UNIT_MM).reshape(-1, k, 3)
+    spread = (residual - residual.mean(dim=1, keepdim=True)) ** 2 * (2.0 * k / (k - 1))  # pairwise mean = 2·var
+    loss = spread.sum(-1).mean()
+    z = spread[..., 2].mean().detach()
+    stats = {"loss": float(loss.detach()), "rmse_mm": float(torch.sqrt(loss.detach())) * UNIT_MM,
+             "rmse_z_mm": float(torch.sqrt(z)) * UNIT_MM}  # fmt: skip
     return loss, stats

@@ -19,7 +19,7 @@ from torch.nn import functional as F
 
 from DiffusionSegLib.preprocess.intensity import scale_hu
 
-__all__ = ["TrainingVolume", "CropBatch", "sample_crop_pairs", "crop_positions_mm"]
+__all__ = ["TrainingVolume", "CropBatch", "SliceBatch", "sample_crop_pairs", "sample_slice_crops", "crop_positions_mm"]
 
 
 @dataclass
@@ -42,12 +42,19 @@ class TrainingVolume:
     def from_image(cls, image: sitk.Image, window_hu: Sequence[float], pool_zyx: Sequence[int],
                    name: str = "") -> TrainingVolume:  # fmt: skip
         """Window and pool a working-grid HU image."""
-        windowed = scale_hu(torch.from_numpy(sitk.GetArrayFromImage(image)), window_hu)
+        hu = torch.from_numpy(sitk.GetArrayFromImage(image))
+        return cls.from_array(hu, image.GetSpacing(), window_hu, pool_zyx, name)
+
+    @classmethod
+    def from_array(cls, hu: torch.Tensor, spacing_mm: Sequence[float], window_hu: Sequence[float],
+                   pool_zyx: Sequence[int], name: str = "") -> TrainingVolume:  # fmt: skip
+        """Window and pool a working-grid HU array ``(z, y, x)`` with voxel size ``spacing_mm`` (x, y, z)."""
+        windowed = scale_hu(hu.float(), window_hu)
         pool = tuple(int(p) for p in pool_zyx)
         pad = [(-n) % p for n, p in zip(windowed.shape, pool)]
         windowed = F.pad(windowed[None, None], (0, pad[2], 0, pad[1], 0, pad[0]), value=0.0)
         pooled = F.avg_pool3d(windowed, pool)[0, 0].contiguous()
-        return cls(pooled, tuple(float(s) for s in image.GetSpacing()), pool, name)  # type: ignore[arg-type]
+        return cls(pooled, tuple(float(s) for s in spacing_mm), pool, name)  # type: ignore[arg-type]
 
     @property
     def extent_mm(self) -> torch.Tensor:
@@ -159,3 +166,52 @@ def sample_crop_pairs(volumes: Sequence[TrainingVolume], batch_pairs: int, size_
             centres.append(centre)
             steps.append(step)
     return CropBatch(torch.stack(images), torch.stack(centres), torch.stack(steps))
+
+
+@dataclass
+class SliceBatch:
+    """``S·K`` slice crops, ``K`` consecutive rows per scan (pairs of rows share a slice).
+
+    Attributes:
+        images: windowed, augmented crops ``(S·K, C, N, N)`` in [0, 1] (C slab slices).
+        centre_mm: physical centre (x, y, z) of each crop ``(S·K, 3)``, mm from the scan's first working voxel.
+        step_xy_mm: pixel size (x, y) of each crop ``(S·K, 2)``.
+        crops_per_scan: ``K``.
+    """
+
+    images: torch.Tensor
+    centre_mm: torch.Tensor
+    step_xy_mm: torch.Tensor
+    crops_per_scan: int
+
+
+def sample_slice_crops(volumes: Sequence[TrainingVolume], cfg, generator: torch.Generator,
+                       augment: bool = True) -> SliceBatch:  # fmt: skip
+    """Crops of axial slices for the slice design (``cfg``: a ``SliceBPRConfig``).
+
+    Per scan (drawn at random), ``K/2`` levels anywhere along z, each cropped twice around centres up to
+    ``cfg.max_shift_mm`` from the scan's centre with independent per-axis zooms: the z pairs teach the
+    cranio-caudal order over the whole body, the same-level pairs the in-plane geometry.
+    """
+    from DiffusionSegLib.bpr.slice_model import sample_slices
+
+    if not volumes:
+        raise ValueError("no training volumes; expected at least one CT")
+    k = cfg.crops_per_scan
+    images, centres, steps = [], [], []
+    for _ in range(cfg.scans_per_step):
+        volume = volumes[int(torch.randint(len(volumes), (1,), generator=generator))]
+        extent = volume.extent_mm
+        z = (torch.rand(k // 2, generator=generator) * extent[2]).repeat_interleave(2)
+        reach = torch.clamp(extent[:2] / 2, max=cfg.max_shift_mm)
+        xy = extent[:2] / 2 + (2 * torch.rand(k, 2, generator=generator) - 1) * reach
+        low, high = cfg.zoom_range
+        step = cfg.slice_step_mm * (low + (high - low) * torch.rand(k, 2, generator=generator))
+        centre = torch.cat([xy, z[:, None]], dim=1)
+        crops = sample_slices(volume.pooled, volume.spacing_mm, volume.pool_zyx, centre, step, cfg)
+        if augment:
+            crops = torch.stack([_augment_intensity(crop, generator) for crop in crops])
+        images.append(crops)
+        centres.append(centre)
+        steps.append(step)
+    return SliceBatch(torch.cat(images), torch.cat(centres), torch.cat(steps), k)

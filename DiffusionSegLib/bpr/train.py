@@ -22,9 +22,10 @@ from pathlib import Path
 import SimpleITK as sitk
 import torch
 
-from DiffusionSegLib.bpr.model import BodyPartRegressor, BPRConfig, save_bpr
-from DiffusionSegLib.bpr.objective import bpr_objective
-from DiffusionSegLib.bpr.sampling import TrainingVolume, sample_crop_pairs
+from DiffusionSegLib.bpr.model import AnyBPR, AnyBPRConfig, bpr_config_from_dict, build_bpr, save_bpr
+from DiffusionSegLib.bpr.objective import bpr_objective, slice_objective
+from DiffusionSegLib.bpr.sampling import TrainingVolume, sample_crop_pairs, sample_slice_crops
+from DiffusionSegLib.bpr.slice_model import SliceBodyPartRegressor, SliceBPRConfig
 from DiffusionSegLib.checkpoint import load_training_state, save_training_state, truncate_log
 from DiffusionSegLib.data.volume import read_volume
 from DiffusionSegLib.errors import UserInputError
@@ -47,7 +48,7 @@ ImageLike = str | os.PathLike | sitk.Image | PreparedVolume | TrainingVolume
 class BPRFitResult:
     """What :func:`fit_bpr` returns."""
 
-    model: BodyPartRegressor
+    model: AnyBPR
     step: int
     weights_path: Path
     history: list[dict] = field(default_factory=list)
@@ -55,7 +56,7 @@ class BPRFitResult:
     seconds: float = 0.0
 
 
-def load_training_volumes(images: Sequence[ImageLike], cfg: BPRConfig, progress: bool = True) -> list[TrainingVolume]:
+def load_training_volumes(images: Sequence[ImageLike], cfg: AnyBPRConfig, progress: bool = True) -> list[TrainingVolume]:
     """Put CTs on the BPR's working grid (files are read; ``PreparedVolume`` must already be on it)."""
     from tqdm import tqdm
 
@@ -79,8 +80,8 @@ def load_training_volumes(images: Sequence[ImageLike], cfg: BPRConfig, progress:
     return volumes
 
 
-def _check_resumable(saved: dict, cfg: BPRConfig, path: Path) -> None:
-    saved = BPRConfig.from_dict(saved).to_dict()  # fields added since the checkpoint take their defaults
+def _check_resumable(saved: dict, cfg: AnyBPRConfig, path: Path) -> None:
+    saved = bpr_config_from_dict(saved).to_dict()  # fields added since the checkpoint take their defaults
     current = cfg.to_dict()
     differing = sorted(k for k in current if k not in _RESUMABLE_CHANGES and saved.get(k) != current[k])
     if differing:
@@ -89,14 +90,29 @@ def _check_resumable(saved: dict, cfg: BPRConfig, path: Path) -> None:
                              "or start afresh")  # fmt: skip
 
 
-def fit_bpr(images: Sequence[ImageLike], cfg: BPRConfig, out_dir: str | os.PathLike, resume: bool = True, *,
+def _training_loss(model: AnyBPR, volumes: list[TrainingVolume],
+                   generator: torch.Generator) -> tuple[torch.Tensor, dict[str, float]]:  # fmt: skip
+    """Sample one batch for the model's design and return its objective."""
+    cfg = model.config
+    if isinstance(model, SliceBodyPartRegressor):
+        batch = sample_slice_crops(volumes, cfg, generator)
+        return slice_objective(model.offsets(batch.images, batch.step_xy_mm), batch.centre_mm, batch.crops_per_scan)
+    pairs = sample_crop_pairs(volumes, cfg.batch_pairs, cfg.patch_size_vox, generator, zoom_range=cfg.zoom_range,
+                              max_shift_fraction=cfg.max_shift_fraction, far_pair_fraction=cfg.far_pair_fraction)
+    output = model.coarse_pooled(pairs.images, pairs.step_mm)
+    return bpr_objective(output, pairs, cfg.patch_size_vox, model.output_stride_zyx, generator,
+                         objective=cfg.objective, points_per_crop=cfg.points_per_crop,
+                         invariance_weight=cfg.invariance_weight)  # fmt: skip
+
+
+def fit_bpr(images: Sequence[ImageLike], cfg: AnyBPRConfig, out_dir: str | os.PathLike, resume: bool = True, *,
             checkpoint_every: int = 100, progress: bool = True, max_seconds: float | None = None,
             extra_metadata: dict | None = None) -> BPRFitResult:  # fmt: skip
     """Train a Body Part Regressor on unlabeled CT (self-supervised, see :mod:`DiffusionSegLib.bpr.objective`).
 
     Args:
         images: CT files, ``sitk.Image`` (any grid), ``PreparedVolume`` or ``TrainingVolume`` on the working grid.
-        cfg: model and training config (``cfg.steps`` is the total step count of the run).
+        cfg: model and training config of either design (``cfg.steps`` is the total step count of the run).
         out_dir: folder for the state, weights and log (created).
         resume: continue from ``out_dir/bpr_state.pt`` when it exists (model, optimiser, step and RNG exactly).
         checkpoint_every: save state and weights every this many steps (and always at exit).
@@ -121,7 +137,7 @@ def fit_bpr(images: Sequence[ImageLike], cfg: BPRConfig, out_dir: str | os.PathL
     state_path, weights_path, log_path = out_dir / STATE_NAME, out_dir / WEIGHTS_NAME, out_dir / LOG_NAME
 
     torch.manual_seed(cfg.seed)
-    model = BodyPartRegressor(cfg)
+    model = build_bpr(cfg)
     optimiser = torch.optim.Adam(model.parameters(), lr=cfg.learning_rate)
     generator = torch.Generator().manual_seed(cfg.seed + 1)
     step = 0
@@ -146,7 +162,6 @@ def fit_bpr(images: Sequence[ImageLike], cfg: BPRConfig, out_dir: str | os.PathL
                                          "step": step, "config": cfg.to_dict()})  # fmt: skip
         save_bpr(weights_path, model, extra=dict(metadata, step=step))
 
-    stride = model.output_stride_zyx
     history: list[dict] = []
     start = time.perf_counter()
     model.train()
@@ -154,13 +169,10 @@ def fit_bpr(images: Sequence[ImageLike], cfg: BPRConfig, out_dir: str | os.PathL
     try:
         with open(log_path, "a") as log_file:
             while step < cfg.steps:
-                batch = sample_crop_pairs(volumes, cfg.batch_pairs, cfg.patch_size_vox, generator,
-                                          zoom_range=cfg.zoom_range, max_shift_fraction=cfg.max_shift_fraction,
-                                          far_pair_fraction=cfg.far_pair_fraction)
-                output = model.coarse_pooled(batch.images, batch.step_mm)
-                loss, stats = bpr_objective(output, batch, cfg.patch_size_vox, stride, generator,
-                                            objective=cfg.objective, points_per_crop=cfg.points_per_crop,
-                                            invariance_weight=cfg.invariance_weight)  # fmt: skip
+                loss, stats = _training_loss(model, volumes, generator)
+                if isinstance(cfg, SliceBPRConfig):
+                    for group in optimiser.param_groups:
+                        group["lr"] = cfg.learning_rate_at(step)
                 optimiser.zero_grad(set_to_none=True)
                 loss.backward()
                 if cfg.grad_clip_norm > 0:

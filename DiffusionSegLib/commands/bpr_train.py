@@ -12,6 +12,7 @@ import shutil
 from pathlib import Path
 
 from DiffusionSegLib.bpr.model import BPRConfig
+from DiffusionSegLib.bpr.slice_model import SliceBPRConfig
 from DiffusionSegLib.bpr.train import fit_bpr
 from DiffusionSegLib.data.datasets import find_images
 from DiffusionSegLib.errors import UserInputError
@@ -22,31 +23,69 @@ log = logging.getLogger(__name__)
 _LABEL_NAME = re.compile(r"_(labels?|organs|seg\w*|lesions|vessels\w*|mask\w*)\.(nii|nii\.gz|nrrd|mha|mhd)$", re.I)
 
 
+_PATCH_ONLY = {"objective": "--objective", "no_relative_position": "--no-relative-position",
+               "patch_size": "--patch-size", "batch_pairs": "--batch-pairs", "points": "--points",
+               "far_pairs": "--far-pairs"}
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    default = BPRConfig()
+    slice_default, patch_default = SliceBPRConfig(), BPRConfig()
     parser.add_argument("images", nargs="+", help="CT files or folders of CT (label maps in folders are skipped)")
     parser.add_argument("-o", "--output-dir", required=True, help="folder for bpr_state.pt, bpr.safetensors, log")
-    parser.add_argument("--steps", type=int, default=default.steps, help=f"total steps (default {default.steps})")
-    parser.add_argument("--objective", choices=("displacement", "distance"), default=default.objective,
-                        help="coordinate differences match displacement vectors or only distances")
-    parser.add_argument("--no-relative-position", action="store_true",
-                        help="content-only network: no within-patch positions, a free per-voxel output")
-    parser.add_argument("--patch-size", type=int, nargs=3, default=default.patch_size_vox, metavar=("D", "H", "W"),
-                        help=f"patch in working voxels z y x (default {' '.join(map(str, default.patch_size_vox))})")
-    parser.add_argument("--channels", type=int, nargs="+", default=default.channels,
-                        help=f"widths per scale (default {' '.join(map(str, default.channels))})")
-    parser.add_argument("--batch-pairs", type=int, default=default.batch_pairs, help="crop pairs per step")
-    parser.add_argument("--points", type=int, default=default.points_per_crop, help="sampled voxels per crop")
-    parser.add_argument("--far-pairs", type=float, default=default.far_pair_fraction,
-                        help="share of crop pairs placed anywhere along z (cranio-caudal order over the body)")
-    parser.add_argument("--lr", type=float, default=default.learning_rate, help="Adam learning rate")
-    parser.add_argument("--seed", type=int, default=default.seed, help="seed of initialisation and sampling")
+    parser.add_argument("--design", choices=("slice", "patch"), default="slice",
+                        help="slice (default): a 2D network places each axial cross-section; patch: the 3D patch "
+                             "network of the first releases")
+    parser.add_argument("--steps", type=int, default=None,
+                        help=f"total steps (default {slice_default.steps} slice, {patch_default.steps} patch)")
+    parser.add_argument("--channels", type=int, nargs="+", default=None,
+                        help=f"widths per scale (default {' '.join(map(str, slice_default.channels))} slice, "
+                             f"{' '.join(map(str, patch_default.channels))} patch)")
+    parser.add_argument("--lr", type=float, default=None, help="Adam learning rate (default 1e-3)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of initialisation and sampling")
+    parser.add_argument("--scans-per-step", type=int, default=slice_default.scans_per_step,
+                        help="slice design: scans per step (8 crops each)")
+    patch = parser.add_argument_group("patch design only")
+    patch.add_argument("--objective", choices=("displacement", "distance"), default=None,
+                       help="coordinate differences match displacement vectors (default) or only distances")
+    patch.add_argument("--no-relative-position", action="store_true", default=None,
+                       help="content-only network: no within-patch positions, a free per-voxel output")
+    patch.add_argument("--patch-size", type=int, nargs=3, default=None, metavar=("D", "H", "W"),
+                       help=f"patch in working voxels z y x (default {' '.join(map(str, patch_default.patch_size_vox))})")
+    patch.add_argument("--batch-pairs", type=int, default=None, help="crop pairs per step")
+    patch.add_argument("--points", type=int, default=None, help="sampled voxels per crop")
+    patch.add_argument("--far-pairs", type=float, default=None,
+                       help="share of crop pairs placed anywhere along z (cranio-caudal order over the body)")
     parser.add_argument("--checkpoint-every", type=int, default=100, help="save every N steps (and at exit)")
     parser.add_argument("--max-minutes", type=float, default=None, help="stop (after saving) after this long")
     parser.add_argument("--no-resume", action="store_true", help="start afresh even if a checkpoint exists")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--export", default=None, help="also copy the final weights to this .safetensors path")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def config_from_arguments(args: argparse.Namespace) -> BPRConfig | SliceBPRConfig:
+    """The training config of the chosen design; options of the other design are refused by name."""
+    common = {"seed": args.seed}
+    for name, field in (("steps", "steps"), ("lr", "learning_rate")):
+        if getattr(args, name) is not None:
+            common[field] = getattr(args, name)
+    if args.channels is not None:
+        common["channels"] = tuple(args.channels)
+    try:
+        if args.design == "slice":
+            given = [flag for name, flag in _PATCH_ONLY.items() if getattr(args, name) is not None]
+            if given:
+                raise UserInputError(f"{', '.join(given)} only apply to --design patch; drop them or add "
+                                     "--design patch")  # fmt: skip
+            return SliceBPRConfig(scans_per_step=args.scans_per_step, **common)
+        patch = {"objective": args.objective, "batch_pairs": args.batch_pairs, "points_per_crop": args.points,
+                 "far_pair_fraction": args.far_pairs,
+                 "patch_size_vox": None if args.patch_size is None else tuple(args.patch_size)}  # fmt: skip
+        if args.no_relative_position:
+            patch.update(relative_position=False, global_offset=False, residual_field=True)
+        return BPRConfig(**common, **{k: v for k, v in patch.items() if v is not None})
+    except ValueError as error:
+        raise UserInputError(str(error)) from None
 
 
 def collect_images(inputs: list[str]) -> list[Path]:
@@ -70,17 +109,10 @@ def run(args: argparse.Namespace) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    try:
-        cfg = BPRConfig(steps=args.steps, objective=args.objective, patch_size_vox=tuple(args.patch_size),
-                        channels=tuple(args.channels), batch_pairs=args.batch_pairs, points_per_crop=args.points,
-                        learning_rate=args.lr, seed=args.seed, far_pair_fraction=args.far_pairs,
-                        relative_position=not args.no_relative_position,
-                        global_offset=not args.no_relative_position,
-                        residual_field=args.no_relative_position)  # fmt: skip
-    except ValueError as error:
-        raise UserInputError(str(error)) from None
+    cfg = config_from_arguments(args)
     images = collect_images(args.images)
-    log.info("training the BPR on %d CT volumes for %d steps -> %s", len(images), cfg.steps, args.output_dir)
+    log.info("training the %s BPR on %d CT volumes for %d steps -> %s", args.design, len(images), cfg.steps,
+             args.output_dir)
     result = fit_bpr(images, cfg, args.output_dir, resume=not args.no_resume, checkpoint_every=args.checkpoint_every,
                      progress=not args.quiet,
                      max_seconds=None if args.max_minutes is None else 60.0 * args.max_minutes)  # fmt: skip

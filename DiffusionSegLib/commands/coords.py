@@ -17,10 +17,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("volume", help="input CT: NIfTI / NRRD / MHA file or a DICOM series folder")
     parser.add_argument("-o", "--output", required=True, help="output vector volume (.nii.gz, .nrrd or .mha)")
     parser.add_argument("--weights", default=None, help="BPR weights (default: the shipped bpr_default)")
-    parser.add_argument("--mode", choices=("translation", "affine", "dense"), default="translation",
-                        help="translation (default): physical position + one anatomical offset per scan; affine: "
-                             "per-axis line through the blended map; dense: the blended sliding-window map")
-    parser.add_argument("--overlap", type=float, default=0.25, help="sliding-window overlap in [0, 1) (default 0.25)")
+    parser.add_argument("--mode", choices=("monotone", "translation", "affine", "dense"), default=None,
+                        help="monotone (default for the slice design): one anatomical offset per slice, "
+                             "non-decreasing along z; translation (default for the patch design): physical "
+                             "position + one offset per scan; affine: per-axis line through the network's map; "
+                             "dense: the network's map itself")
+    parser.add_argument("--overlap", type=float, default=0.25, help="sliding-window overlap in [0, 1), patch design (default 0.25)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
 
 

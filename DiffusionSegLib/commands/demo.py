@@ -54,7 +54,7 @@ def _preview(image: sitk.Image, labels: sitk.Image, organs, path: Path, title: s
 
 def run(args: argparse.Namespace) -> int:
     from DiffusionSegLib.bpr import load_bpr
-    from DiffusionSegLib.features import resolve_device
+    from DiffusionSegLib.features import backbone_bpr_path, resolve_device
     from DiffusionSegLib.pretrain.export import load_backbone
     from DiffusionSegLib.probe import find_probe_backbone, load_probe, segment, write_segmentation
     from DiffusionSegLib.resources import default_probe_path, sample_ct_path
@@ -74,7 +74,7 @@ def run(args: argparse.Namespace) -> int:
     probe_path = Path(args.probe) if args.probe else default_probe_path()
     backbone = stages.run("load models", load_backbone, args.backbone or find_probe_backbone(probe_path))
     probe = stages.run("load models", load_probe, probe_path, backbone)
-    bpr, _ = stages.run("load models", load_bpr, backbone.pretrain.bpr_weights or None)
+    bpr = stages.run("load models", load_bpr, backbone_bpr_path(backbone))[0] if backbone.use_bpr else None
     print(f"models    backbone {backbone.path.name} ({backbone.pretrain.method}"
           f"{' + BPR' if backbone.use_bpr else ''}), probe {probe_path.name} ({len(probe.labels)} organs, "
           f"{probe.config.head} head)", flush=True)  # fmt: skip

@@ -46,6 +46,7 @@ __all__ = [
     "resolve_device",
     "noise_field",
     "build_inputs",
+    "backbone_bpr_path",
     "bpr_coordinates",
     "window_size",
     "auto_sw_batch_size",
@@ -140,18 +141,43 @@ def window_size(backbone: BackboneBundle, cfg: FeatureConfig) -> tuple[int, int,
     return tuple(int(math.ceil(s / divisor) * divisor) for s in patch)  # type: ignore[return-value]
 
 
+def backbone_bpr_path(backbone: BackboneBundle) -> Path:
+    """The BPR weights a backbone was pretrained with.
+
+    A backbone records the BPR's file (``pretrain.bpr_weights``, empty: the shipped default at the time) and
+    its sha256. The recorded file, the current default and the shipped models (``Resources/Models``) are
+    searched by that hash, so a backbone keeps its own BPR when the default BPR changes.
+
+    Raises:
+        UserInputError: no file with the recorded hash is found.
+    """
+    from DiffusionSegLib.bpr import default_bpr_path
+    from DiffusionSegLib.checkpoint import find_weights
+    from DiffusionSegLib.resources import resources_dir
+
+    recorded = backbone.pretrain.bpr_weights
+    if not backbone.bpr_sha256:  # saved without a hash: trust the recorded file, else the default
+        return Path(recorded) if recorded and Path(recorded).is_file() else default_bpr_path()
+    found = find_weights(backbone.bpr_sha256, "bpr", [recorded, default_bpr_path()], [resources_dir() / "Models"])
+    if found is None:
+        raise UserInputError(f"the BPR weights the backbone '{backbone.path}' was pretrained with (sha256 "
+                             f"{backbone.bpr_sha256[:12]}…) are neither at '{recorded or default_bpr_path()}' nor "
+                             "among the shipped models; pass that BPR file")  # fmt: skip
+    return found
+
+
 def _bpr_model(backbone: BackboneBundle, bpr: Any) -> nn.Module:
-    """The BPR the backbone was pretrained with: a loaded model, a path, or the recorded / default weights."""
-    from DiffusionSegLib.bpr import default_bpr_path, load_bpr
+    """The BPR the backbone was pretrained with: a loaded model, a path, or the one found by its recorded hash."""
+    from DiffusionSegLib.bpr import load_bpr
     from DiffusionSegLib.checkpoint import file_sha256
 
     if isinstance(bpr, nn.Module):
         return bpr
     if isinstance(bpr, tuple):  # (model, cfg) as load_bpr returns it
         return bpr[0]
-    path = Path(bpr) if bpr else Path(backbone.pretrain.bpr_weights or default_bpr_path())
-    if not path.is_file() and backbone.pretrain.bpr_weights:
-        path = default_bpr_path()
+    if not bpr:
+        return load_bpr(backbone_bpr_path(backbone))[0]
+    path = Path(bpr)
     if backbone.bpr_sha256 and path.is_file() and file_sha256(path) != backbone.bpr_sha256:
         raise UserInputError(f"BPR weights '{path}' are not those the backbone was pretrained with (sha256 "
                              f"{backbone.bpr_sha256[:12]}…); pass the matching BPR file")  # fmt: skip

@@ -19,7 +19,7 @@ TINY = {"patch_size_vox": (16, 32, 32), "channels": (4, 8, 16), "decoder_channel
 SMALL_CT = "labeled/totalseg_example_ct_sm_3mm.nii.gz"
 
 
-def _mean_objective(model: BodyPartRegressor, volumes, cfg: BPRConfig, batches: int = 6) -> float:
+def _mean_objective(model: BodyPartRegressor, volumes, cfg: BPRConfig, batches: int = 12) -> float:
     generator = torch.Generator().manual_seed(123)  # the same crops before and after training
     total = 0.0
     with torch.no_grad():
@@ -34,15 +34,16 @@ def _mean_objective(model: BodyPartRegressor, volumes, cfg: BPRConfig, batches: 
 
 
 def test_training_on_real_ct_lowers_the_objective(tmp_path):
-    cfg = BPRConfig(**dict(TINY, patch_size_vox=(32, 64, 64)), steps=200)
+    # 600 steps: after 200 the drop depended on the CPU's rounding (13-28 %); after 600 it is 40-44 % for seeds 0-3
+    cfg = BPRConfig(**dict(TINY, patch_size_vox=(32, 64, 64)), steps=600)
     volumes = load_training_volumes([data_path(SMALL_CT)], cfg, progress=False)
     torch.manual_seed(cfg.seed)
     before = _mean_objective(BodyPartRegressor(cfg), volumes, cfg)
-    result = fit_bpr(volumes, cfg, tmp_path, progress=False, checkpoint_every=100)
+    result = fit_bpr(volumes, cfg, tmp_path, progress=False, checkpoint_every=300)
     after = _mean_objective(result.model, volumes, cfg)
-    assert result.step == 200 and len(result.history) == 200
+    assert result.step == 600 and len(result.history) == 600
     print(f"objective before {before:.4f}, after {after:.4f}")
-    assert after < 0.85 * before, (before, after)
+    assert after < 0.75 * before, (before, after)
 
 
 def test_resume_continues_exactly_from_the_saved_step(tmp_path):
@@ -70,8 +71,8 @@ def test_checkpoint_from_before_a_new_config_field_still_resumes(tmp_path):
 
 def test_bpr_train_command_checkpoints_and_resumes(tmp_path, capsys):
     ct, out = str(data_path(SMALL_CT)), tmp_path / "run"
-    tiny = ["--patch-size", "16", "32", "32", "--channels", "4", "8", "16", "--points", "16", "--batch-pairs", "1",
-            "--quiet"]  # fmt: skip
+    tiny = ["--design", "patch", "--patch-size", "16", "32", "32", "--channels", "4", "8", "16", "--points", "16",
+            "--batch-pairs", "1", "--quiet"]  # fmt: skip
     assert main(["bpr-train", ct, "-o", str(out), "--steps", "2", *tiny]) == 0
     assert (out / WEIGHTS_NAME).is_file() and load_training_state(out / STATE_NAME)["step"] == 2
     assert main(["bpr-train", ct, "-o", str(out), "--steps", "3", "--export", str(tmp_path / "w.safetensors"),

@@ -14,6 +14,7 @@ from DiffusionSegLib.features import (
     FeatureConfig,
     FeatureExtractor,
     auto_sw_batch_size,
+    backbone_bpr_path,
     build_inputs,
     extract_features,
     noise_field,
@@ -122,3 +123,24 @@ def test_bpr_backbone_gets_coordinates(tmp_path, prepared):
     torch.manual_seed(1)
     with pytest.raises(UserInputError, match="BPR"):
         build_inputs(prepared.image, backbone, FeatureConfig(), bpr=other)
+
+
+def test_backbone_finds_its_bpr_by_hash_when_the_default_changes(tmp_path, monkeypatch):
+    """A backbone recorded with the default BPR (empty path) keeps it after a new default is shipped: the old
+    file is found among the shipped models by its hash."""
+    bpr = pytest.importorskip("DiffusionSegLib.bpr")
+    models = tmp_path / "Resources" / "Models"
+    models.mkdir(parents=True)
+    monkeypatch.setenv("DIFFUSIONSEG_RESOURCES", str(tmp_path / "Resources"))
+    torch.manual_seed(0)
+    small = {"spacing_mm": (3.0, 3.0, 4.0), "patch_size_vox": (32, 64, 64)}
+    original = bpr.save_bpr(bpr.default_bpr_path(), bpr.BodyPartRegressor(bpr.BPRConfig(**small)))
+    backbone = make_backbone(tmp_path / "bb.safetensors", use_bpr=True, bpr_path=original)
+    backbone.pretrain.bpr_weights = ""  # recorded as "the shipped default", as the shipped backbone is
+    assert backbone_bpr_path(backbone) == original
+    original.rename(models / "bpr_old.safetensors")  # a new default replaces it; the old one stays shipped
+    bpr.save_bpr(bpr.default_bpr_path(), bpr.BodyPartRegressor(bpr.BPRConfig(**small, seed=1)))
+    assert backbone_bpr_path(backbone) == models / "bpr_old.safetensors"
+    (models / "bpr_old.safetensors").unlink()
+    with pytest.raises(UserInputError, match=backbone.bpr_sha256[:12]):
+        backbone_bpr_path(backbone)
