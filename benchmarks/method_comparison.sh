@@ -11,6 +11,8 @@
 # on 1, 2 and 5 labeled cases, 3 other cases tested per size -> benchmarks/results/method_comparison_fewshot.
 #   bash benchmarks/method_comparison.sh [PYTHON] [train|evaluate|fewshot|all]
 #   STEPS=1000 ABLATION_T="100 1000" bash benchmarks/method_comparison.sh .venv/bin/python
+# BPR=FILE pretrains the BPR backbones with that BPR (default: the shipped default); the recorded results were
+# made with BPR=Resources/Models/bpr_patch_v1.safetensors, the default until 2026-11-30.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${1:-.venv/bin/python}
@@ -19,13 +21,14 @@ DATA=${DIFFUSIONSEG_DATA:-../shared/data}
 STEPS=${STEPS:-1000}
 ABLATION_T=${ABLATION_T:-100 1000}
 RUNS=runs/comparison_${STEPS}
+BPR=${BPR:-}
 
 train() {  # train NAME [pretrain overrides...]
     local name=$1; shift
     [ -f "$RUNS/$name/backbone.safetensors" ] && return 0
     echo "training $name ($STEPS steps)"
     "$PY" pretrain.py -- --config configs/pretrain_default.toml --output_dir "$RUNS/$name" \
-        --training.steps "$STEPS" --training.progress false "$@"
+        --training.steps "$STEPS" --training.progress false ${BPR:+--bpr_weights "$BPR"} "$@"
 }
 
 if [ "$PHASE" != evaluate ]; then

@@ -1,6 +1,6 @@
 """The Body Part Regressor network (3D patch design) and its config; loading and saving of either design.
 
-The default design since 2026-11-25 is the slice design (:mod:`DiffusionSegLib.bpr.slice_model`); this module's
+The default design since 2026-11-30 is the slice design (:mod:`DiffusionSegLib.bpr.slice_model`); this module's
 3D patch design stays loadable and trainable (``bpr-train --design patch``).
 
 The BPR maps a CT patch on the working grid to a dense 3-channel map of *anatomical coordinates* in
@@ -8,7 +8,7 @@ The BPR maps a CT patch on the working grid to a dense 3-channel map of *anatomi
 inferior → superior (z, cranio-caudal), the axes of the canonical LPS working grid. Differences of coordinates
 are physical displacements in mm; the origin is anatomical (learned), not the scanner's.
 
-The patch design (chosen from measurements in the first sessions, see ``Resources/Models/bpr_default.md``):
+The patch design (chosen from measurements in the first sessions, see ``Resources/Models/bpr_patch_v1.md``):
 the patch is average-pooled to ~6 mm, each voxel's position relative to the patch centre is given as 3 extra
 input channels and added to the output, and a light 3D CNN encoder (6 → 48 mm, GroupNorm, replicate padding) regresses one offset per
 patch: where the patch centre lies in the body. A patch's coordinates are therefore exactly affine in its
