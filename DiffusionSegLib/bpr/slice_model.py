@@ -8,8 +8,8 @@ and of the public BPR (Schuhegger et al.), with physical displacements instead o
 
 Why slices (measured, see ``Resources/Models/bpr_default.md``): the cross-section pins the cranio-caudal level
 (lungs, liver dome, kidneys, pelvis) far better than a 19 cm cube, and a 2D network sees 64 of them per step on
-2 CPU cores. After 33 CPU-minutes the network's cranio-caudal slope is 0.87–1.22 mm per mm on 32 scans
-(median 0.99), where the 3D patch design stayed at 0.16–0.29 on long scans after 25 minutes. Each slice's
+2 CPU cores. After 63 CPU-minutes the network's cranio-caudal slope is 0.95–1.15 mm per mm on 32 scans
+(median 1.00), where the 3D patch design stayed at 0.16–0.29 on long scans after 25 minutes. Each slice's
 coordinates depend only on that slice and its neighbours, so cropping a scan along z changes nothing in the
 dense map (two fields of view of one scan: 0.2 mm apart, was 112 mm).
 """

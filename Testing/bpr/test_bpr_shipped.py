@@ -55,18 +55,18 @@ def _held_out(case: str):
 def test_cranio_caudal_channel_is_monotonic_in_z_on_a_held_out_scan():
     model, _ = load_bpr()
     prepared, body, z_mm = _held_out("ircadb1.17")
-    # the network's own per-slice estimates: learned, not guaranteed by construction (measured 0.994)
+    # the network's own per-slice estimates: learned, not guaranteed by construction (measured 0.995)
     dense = predict_working_coordinates(prepared, model, mode="dense")[0].numpy()
     assert _spearman_z(dense, body, z_mm) > 0.98
     # the default output (isotonic over slices): monotonic, with a cranio-caudal scale near 1 mm per mm
     coords = predict_working_coordinates(prepared, model)[0].numpy()
-    assert _spearman_z(coords, body, z_mm) > 0.99
+    assert _spearman_z(coords, body, z_mm) > 0.99  # measured 0.999
     slices = coords[2][:, body.any(0)].mean(1)
-    assert 0.7 < (slices[-1] - slices[0]) / (z_mm[-1] - z_mm[0]) < 1.4  # measured 1.14
+    assert 0.7 < (slices[-1] - slices[0]) / (z_mm[-1] - z_mm[0]) < 1.4  # measured 1.03
 
 
 def test_same_voxel_gets_the_same_coordinates_in_two_fields_of_view():
-    """The upper and the lower two thirds of a held-out scan, each on its own (goal ≤ 5 mm; measured 0.4 mm)."""
+    """The upper and the lower two thirds of a held-out scan, each on its own (goal ≤ 5 mm; measured 0.6 mm)."""
     model, _ = load_bpr()
     prepared, body, _ = _held_out("ircadb1.01")
     hu = sitk.GetArrayFromImage(prepared.image)
