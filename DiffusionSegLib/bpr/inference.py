@@ -74,7 +74,7 @@ def _monotone_slices(coordinates: torch.Tensor, hu: torch.Tensor, spacing_mm) ->
     mask = torch.where(empty[:, None, None], torch.ones_like(body), body)  # a slice without body: all its voxels
     offset = ((coordinates[0].double() - position) * mask).sum(dim=(2, 3)) / mask.sum(dim=(1, 2))  # (3, D)
     z = position[2, :, 0, 0].double() + offset[2]
-    fitted = isotonic_regression(z.numpy(), weights=(weight + 1e-3 * empty).clamp(min=1e-3).numpy()).x
+    fitted = isotonic_regression(z.numpy(), weights=weight.clamp(min=1e-3).numpy()).x  # empty slices: ~no weight
     offset[2] = torch.from_numpy(fitted) - position[2, :, 0, 0].double()
     return (position + offset.float()[:, :, None, None])[None]
 
