@@ -66,7 +66,7 @@ class SliceBPRConfig:
     """``cosine``: the rate decays to 0 over ``steps`` (a function of the step, so resuming is exact)."""
     grad_clip_norm: float = 1.0
     """Gradients are clipped to this global norm (0: no clipping)."""
-    steps: int = 5000
+    steps: int = 6000
     """Optimisation steps of a training run."""
     seed: int = 0
     """Seed of model initialisation and of all sampling."""
