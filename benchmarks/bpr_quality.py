@@ -44,7 +44,7 @@ sys.path.insert(0, str(REPO))
 from DiffusionSegLib.bpr import default_bpr_path, load_bpr, predict_working_coordinates  # noqa: E402
 from DiffusionSegLib.bpr.inference import default_mode  # noqa: E402
 from DiffusionSegLib.bpr.sampling import TrainingVolume  # noqa: E402
-from DiffusionSegLib.bpr.slice_model import SliceBodyPartRegressor, sample_slices, slice_centres_mm  # noqa: E402
+from DiffusionSegLib.bpr.slice_model import SliceBodyPartRegressor, body_crop_centres_mm, slice_offsets  # noqa: E402
 from DiffusionSegLib.checkpoint import file_sha256, git_commit, library_version, load_weights  # noqa: E402
 from DiffusionSegLib.data.datasets import find_images, find_labeled_cases  # noqa: E402
 from DiffusionSegLib.data.volume import read_volume  # noqa: E402
@@ -120,10 +120,14 @@ def consistency(per_case: dict[str, dict]) -> dict:
     return table
 
 
-def _difference(a: np.ndarray, b: np.ndarray, mask: np.ndarray) -> dict:
-    norm = np.sqrt(((a - b) ** 2).sum(0))[mask]
+def _summary(norm: np.ndarray) -> dict:
+    """Mean, p95 and share within 5 mm of per-voxel |Δ| (mm-equivalent)."""
     return {"mean_mm": round(float(norm.mean()), 2), "p95_mm": round(float(np.percentile(norm, 95)), 2),
             "within_5mm": round(float((norm <= 5.0).mean()), 4), "voxels": int(norm.size)}  # fmt: skip
+
+
+def _difference(a: np.ndarray, b: np.ndarray, mask: np.ndarray) -> dict:
+    return _summary(np.sqrt(((a - b) ** 2).sum(0))[mask])
 
 
 def _two_slice_crops(model, hu: torch.Tensor, body: np.ndarray, shift_mm: float) -> dict:
@@ -131,19 +135,11 @@ def _two_slice_crops(model, hu: torch.Tensor, body: np.ndarray, shift_mm: float)
     ``shift_mm`` along x and y), per body voxel."""
     cfg = model.config
     volume = TrainingVolume.from_array(hu, cfg.spacing_mm, cfg.window_hu, cfg.pool_zyx)
-    z = torch.arange(hu.shape[0], dtype=torch.float32)[:, None] * cfg.spacing_mm[2]
-    centre = torch.cat([slice_centres_mm(hu, cfg.spacing_mm), z], dim=1)
-    shift = torch.tensor([shift_mm, shift_mm, 0.0])
-    step = torch.full((hu.shape[0], 2), cfg.slice_step_mm)
-    with torch.no_grad():
-        offsets = []
-        for c in (centre, centre + shift):
-            crops = sample_slices(volume.pooled, volume.spacing_mm, volume.pool_zyx, c, step, cfg)
-            offsets.append(model(crops, step) - c)
-    per_slice = torch.linalg.vector_norm(offsets[0] - offsets[1], dim=1).numpy()
-    norm = np.repeat(per_slice, body.reshape(body.shape[0], -1).sum(1))
-    return {"mean_mm": round(float(norm.mean()), 2), "p95_mm": round(float(np.percentile(norm, 95)), 2),
-            "within_5mm": round(float((norm <= 5.0).mean()), 4), "voxels": int(norm.size)}  # fmt: skip
+    centre = body_crop_centres_mm(hu, cfg.spacing_mm)
+    first = slice_offsets(model, volume, centre)
+    second = slice_offsets(model, volume, centre + torch.tensor([shift_mm, shift_mm, 0.0]))
+    per_slice = torch.linalg.vector_norm(first - second, dim=1).numpy()
+    return _summary(np.repeat(per_slice, body.reshape(body.shape[0], -1).sum(1)))
 
 
 def invariance(model, working: sitk.Image, coords: np.ndarray, mode: str) -> dict:

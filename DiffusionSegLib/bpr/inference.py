@@ -18,7 +18,7 @@ import torch
 
 from DiffusionSegLib.bpr.model import UNIT_MM, AnyBPR, AnyBPRConfig
 from DiffusionSegLib.bpr.sampling import TrainingVolume
-from DiffusionSegLib.bpr.slice_model import SliceBodyPartRegressor, sample_slices, slice_centres_mm
+from DiffusionSegLib.bpr.slice_model import SliceBodyPartRegressor, body_crop_centres_mm, slice_offsets
 from DiffusionSegLib.preprocess import PreparedVolume, PreprocessConfig, prepare_volume, scale_hu, to_input_grid
 from DiffusionSegLib.preprocess.spatial import grid_like, resample_onto
 
@@ -95,26 +95,12 @@ def _positions_mm(shape, spacing_mm) -> torch.Tensor:
     return torch.stack([xx, yy, zz])
 
 
-def _slice_coordinates(hu: torch.Tensor, model: SliceBodyPartRegressor, device, batch: int = 32) -> torch.Tensor:
+def _slice_coordinates(hu: torch.Tensor, model: SliceBodyPartRegressor, device) -> torch.Tensor:
     """Slice design: every working slice's crop (centred on the body in that slice) gives its offset; a voxel's
     coordinates are its position plus its slice's offset. ``(1, 3, D, H, W)``."""
     cfg = model.config
     volume = TrainingVolume.from_array(hu[0, 0], cfg.spacing_mm, cfg.window_hu, cfg.pool_zyx)
-    depth = hu.shape[2]
-    centre = torch.cat([slice_centres_mm(hu[0, 0], cfg.spacing_mm),
-                        torch.arange(depth, dtype=torch.float32)[:, None] * cfg.spacing_mm[2]], dim=1)  # fmt: skip
-    was_training = model.training
-    model.eval()
-    offsets = []
-    try:
-        for start in range(0, depth, batch):
-            chunk = centre[start : start + batch]
-            step = torch.full((chunk.shape[0], 2), cfg.slice_step_mm)
-            crops = sample_slices(volume.pooled, volume.spacing_mm, volume.pool_zyx, chunk, step, cfg)
-            offsets.append(model(crops.to(device), step.to(device)).float().cpu() - chunk)
-    finally:
-        model.train(was_training)
-    offset = torch.cat(offsets)  # (D, 3): anatomical coordinates minus physical position, per slice
+    offset = slice_offsets(model, volume, body_crop_centres_mm(hu[0, 0], cfg.spacing_mm), device)  # (D, 3)
     return (_positions_mm(hu.shape[-3:], cfg.spacing_mm) + offset.T[:, :, None, None])[None]
 
 

@@ -146,6 +146,10 @@ class BPRConfig:
             raise ValueError(f"learning_rate {self.learning_rate} / invariance_weight {self.invariance_weight} "
                              "invalid; expected a positive rate and a non-negative weight")  # fmt: skip
 
+    def learning_rate_at(self, step: int) -> float:
+        """The learning rate of optimisation step ``step``: constant for the patch design."""
+        return self.learning_rate
+
     def to_dict(self) -> dict:
         return {key: list(value) if isinstance(value, tuple) else value for key, value in asdict(self).items()}
 

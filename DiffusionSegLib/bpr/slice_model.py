@@ -26,7 +26,8 @@ from torch.nn import functional as F
 
 from DiffusionSegLib.preprocess.intensity import check_window
 
-__all__ = ["SliceBPRConfig", "SliceBodyPartRegressor", "slice_centres_mm", "sample_slices"]
+__all__ = ["SliceBPRConfig", "SliceBodyPartRegressor", "slice_centres_mm", "sample_slices", "body_crop_centres_mm",
+           "slice_offsets"]
 
 _UNIT_MM = 100.0  # as bpr.model.UNIT_MM (not imported: model.py imports this module)
 _XY_GAIN = 0.1
@@ -248,3 +249,29 @@ def slice_centres_mm(hu: torch.Tensor, spacing_mm, body_hu: float = -100.0) -> t
         centre = torch.where(last >= 0, (first + last) / 2, torch.full_like(first, (count - 1) / 2))
         out[:, axis] = centre * spacing
     return out
+
+
+def body_crop_centres_mm(hu: torch.Tensor, spacing_mm) -> torch.Tensor:
+    """The crop centre of every slice at inference: the body's box centre in-plane, the slice's z. ``(Z, 3)`` mm."""
+    z = torch.arange(hu.shape[0], dtype=torch.float32)[:, None] * spacing_mm[2]
+    return torch.cat([slice_centres_mm(hu, spacing_mm), z], dim=1)
+
+
+@torch.no_grad()
+def slice_offsets(model: SliceBodyPartRegressor, volume, centre_mm: torch.Tensor, device="cpu",
+                  batch: int = 32) -> torch.Tensor:  # fmt: skip
+    """Anatomical coordinates minus physical position of crops at ``centre_mm`` ``(K, 3)`` of a windowed, pooled
+    working volume (a ``TrainingVolume``), in eval mode and batches of ``batch``. ``(K, 3)`` on the CPU."""
+    cfg = model.config
+    was_training = model.training
+    model.eval()
+    offsets = []
+    try:
+        for start in range(0, centre_mm.shape[0], batch):
+            chunk = centre_mm[start : start + batch]
+            step = torch.full((chunk.shape[0], 2), cfg.slice_step_mm)
+            crops = sample_slices(volume.pooled, volume.spacing_mm, volume.pool_zyx, chunk, step, cfg)
+            offsets.append(model(crops.to(device), step.to(device)).float().cpu() - chunk)
+    finally:
+        model.train(was_training)
+    return torch.cat(offsets)

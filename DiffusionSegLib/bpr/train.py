@@ -25,7 +25,7 @@ import torch
 from DiffusionSegLib.bpr.model import AnyBPR, AnyBPRConfig, bpr_config_from_dict, build_bpr, save_bpr
 from DiffusionSegLib.bpr.objective import bpr_objective, slice_objective
 from DiffusionSegLib.bpr.sampling import TrainingVolume, sample_crop_pairs, sample_slice_crops
-from DiffusionSegLib.bpr.slice_model import SliceBodyPartRegressor, SliceBPRConfig
+from DiffusionSegLib.bpr.slice_model import SliceBodyPartRegressor
 from DiffusionSegLib.checkpoint import load_training_state, save_training_state, truncate_log
 from DiffusionSegLib.data.volume import read_volume
 from DiffusionSegLib.errors import UserInputError
@@ -170,9 +170,8 @@ def fit_bpr(images: Sequence[ImageLike], cfg: AnyBPRConfig, out_dir: str | os.Pa
         with open(log_path, "a") as log_file:
             while step < cfg.steps:
                 loss, stats = _training_loss(model, volumes, generator)
-                if isinstance(cfg, SliceBPRConfig):
-                    for group in optimiser.param_groups:
-                        group["lr"] = cfg.learning_rate_at(step)
+                for group in optimiser.param_groups:
+                    group["lr"] = cfg.learning_rate_at(step)
                 optimiser.zero_grad(set_to_none=True)
                 loss.backward()
                 if cfg.grad_clip_norm > 0:
