@@ -189,6 +189,16 @@ class BackgroundProcess:
         self.thread.join(timeout)
         return code
 
+    def requestStop(self) -> None:
+        """Ask the job to stop by itself (SIGTERM to the job only): a fine-tune then writes its best model so far
+        and exits normally. Where there is no such signal (Windows), the process tree is killed."""
+        if self.process.poll() is not None:
+            return
+        if os.name == "nt":
+            self.cancel()
+        else:
+            self.process.send_signal(signal.SIGTERM)
+
     def cancel(self) -> None:
         """Kill the process and everything it started."""
         self.cancelled = True
@@ -278,6 +288,7 @@ if HAVE_SLICER_APP:
         probeName: str = "my-probe"
         headType: str = "nonlinear"
         trainingSteps: Annotated[int, WithinRange(10, 5000)] = 300
+        finetuneMinutes: Annotated[float, WithinRange(1.0, 600.0)] = 15.0
 
 
 #
@@ -434,12 +445,20 @@ class DiffusionSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         volumes = self.logic.pairVolumes(segmentations, list(self.ui.trainingVolumesSelector.checkedNodes()))
         name = (p.probeName or "my-probe").strip()
         outputPath = self.logic.newProbePath(name)
+        if p.headType == "finetune":
+            self._start(lambda: self.logic.prepareFinetune(volumes, segmentations, outputPath, p.finetuneMinutes,
+                                                           backbonePath=p.backbonePath or None,
+                                                           device=self._device()))  # fmt: skip
+            return
         self._start(lambda: self.logic.prepareTrainProbe(volumes, segmentations, outputPath, p.headType,
                                                          steps=p.trainingSteps, backbonePath=p.backbonePath or None,
                                                          device=self._device()))  # fmt: skip
 
     def onCancelButton(self) -> None:
-        if self.task is not None:
+        if self.task is not None and self.task.kind == "finetune":  # keeps the best model so far
+            self.logic.requestStop(self.task)
+            self.ui.statusLabel.text = "finetune: stopping after this step; the best model so far is kept"
+        elif self.task is not None:
             self.logic.cancel(self.task)
             self._done("Cancelled; the scene is unchanged.")
 
@@ -465,7 +484,7 @@ class DiffusionSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._parameterNode.coordinatesVolume = result
             slicer.util.setSliceViewerLayers(background=self._parameterNode.inputVolume, foreground=result,
                                              foregroundOpacity=0.5)  # fmt: skip
-        elif task.kind == "train-probe":
+        elif task.kind in ("train-probe", "finetune"):
             self.refreshProbes(selectPath=str(result))
         self._done(f"{task.kind}: done.")
 
@@ -684,11 +703,8 @@ class DiffusionSegLogic(ScriptedLoadableModuleLogic):
             cases.append([self._writeVolume(volumeNode, folder, f"ct{i}"), str(labelPath)])
         return cases, {value: name for name, value in classOf.items() if value in present}
 
-    def prepareTrainProbe(self, volumeNodes: list, segmentationNodes: list, outputPath, headType: str = "nonlinear",
-                          steps: int = 300, backbonePath=None, device: str = "cpu",
-                          probeOptions: dict | None = None) -> DiffusionSegTask:  # fmt: skip
-        """Train a probe on the segments of ``segmentationNodes`` (each on the CT at the same index) and save it
-        to ``outputPath``. ``probeOptions``: further ``ProbeConfig`` fields (patch size, patches per volume...)."""
+    def _trainingJob(self, volumeNodes: list, segmentationNodes: list, outputPath, backbonePath) -> dict:
+        """The files and names every training job needs (the CTs and label maps written to a temporary folder)."""
         backbone = Path(backbonePath) if backbonePath else self.defaultBackbone()
         folder = Path(tempfile.mkdtemp(prefix="DiffusionSeg-"))
         try:
@@ -697,9 +713,26 @@ class DiffusionSegLogic(ScriptedLoadableModuleLogic):
             shutil.rmtree(folder, ignore_errors=True)
             raise
         Path(outputPath).parent.mkdir(parents=True, exist_ok=True)
-        job = {"_tempDir": folder, "cases": cases, "names": names, "backbone": str(backbone), "output": str(outputPath),
-               "head": headType, "steps": int(steps), "probe_options": probeOptions or {}}  # fmt: skip
+        return {"_tempDir": folder, "cases": cases, "names": names, "backbone": str(backbone), "output": str(outputPath)}
+
+    def prepareTrainProbe(self, volumeNodes: list, segmentationNodes: list, outputPath, headType: str = "nonlinear",
+                          steps: int = 300, backbonePath=None, device: str = "cpu",
+                          probeOptions: dict | None = None) -> DiffusionSegTask:  # fmt: skip
+        """Train a probe on the segments of ``segmentationNodes`` (each on the CT at the same index) and save it
+        to ``outputPath``. ``probeOptions``: further ``ProbeConfig`` fields (patch size, patches per volume...)."""
+        job = self._trainingJob(volumeNodes, segmentationNodes, outputPath, backbonePath)
+        job.update(head=headType, steps=int(steps), probe_options=probeOptions or {})
         return self._newTask("train-probe", job, lambda result: Path(result["probe"]), device)
+
+    def prepareFinetune(self, volumeNodes: list, segmentationNodes: list, outputPath, minutes: float = 15.0,
+                        backbonePath=None, device: str = "cpu",
+                        finetuneOptions: dict | None = None) -> DiffusionSegTask:  # fmt: skip
+        """Fine-tune the backbone and a head end to end on the segments (the accurate path) for ``minutes`` and
+        save the model to ``outputPath`` (its fine-tuned backbone beside it). ``finetuneOptions``: further
+        ``FinetuneConfig`` fields. :meth:`requestStop` ends it early and keeps the best model so far."""
+        job = self._trainingJob(volumeNodes, segmentationNodes, outputPath, backbonePath)
+        job.update(minutes=float(minutes), finetune_options=finetuneOptions or {})
+        return self._newTask("finetune", job, lambda result: Path(result["probe"]), device)
 
     def defaultBackbone(self) -> Path:
         """The shipped backbone (first ``kind == "backbone"`` file among the model folders)."""
@@ -770,6 +803,14 @@ class DiffusionSegLogic(ScriptedLoadableModuleLogic):
         finally:
             shutil.rmtree(task.tempDir, ignore_errors=True)
 
+    def requestStop(self, task: DiffusionSegTask) -> None:
+        """End a started fine-tune early: it writes its best model so far and finishes normally (poll and
+        :meth:`complete` it as usual). Other tasks are cancelled (:meth:`cancel`)."""
+        if task.kind == "finetune" and task.process is not None:
+            task.process.requestStop()
+        else:
+            self.cancel(task)
+
     def cancel(self, task: DiffusionSegTask) -> None:
         """Kill a started task's process tree; the scene is not touched."""
         if task.process is not None:
@@ -792,6 +833,12 @@ class DiffusionSegLogic(ScriptedLoadableModuleLogic):
                    progressCallback=None, shouldStop=None, **options) -> Path:  # fmt: skip
         """Train and save a probe from segmentation nodes (blocking); returns its path."""
         task = self.prepareTrainProbe(volumeNodes, segmentationNodes, outputPath, headType, **options)
+        return self.run(task, progressCallback, shouldStop)
+
+    def finetune(self, volumeNodes, segmentationNodes, outputPath, minutes: float = 15.0, progressCallback=None,
+                 shouldStop=None, **options) -> Path:  # fmt: skip
+        """Fine-tune and save a model from segmentation nodes (blocking); ``shouldStop`` keeps the best so far."""
+        task = self.prepareFinetune(volumeNodes, segmentationNodes, outputPath, minutes, **options)
         return self.run(task, progressCallback, shouldStop)
 
 

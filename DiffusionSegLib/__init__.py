@@ -7,6 +7,7 @@ One public verb per stage (imported lazily, so ``import DiffusionSegLib`` stays 
     pretrain_backbone(PretrainConfig(...))                  # diffusion (+ BPR) or a baseline, torchrun-ready
     backbone = load_backbone("backbone.safetensors")
     probe = fit_probe([(ct, labels)], organs, backbone)     # few-shot probe on frozen features
+    finetune([(ct, labels)], organs, backbone, "model.safetensors", FinetuneConfig())  # end to end (accurate)
     result = segment(image, probe, backbone)                # labels on the exact input grid
     results = evaluate(cases, {"diffusion+BPR": backbone}, EvaluationConfig())
 """
@@ -17,12 +18,14 @@ import importlib
 
 __all__ = [
     "EvaluationConfig",
+    "FinetuneConfig",
     "PretrainConfig",
     "ProbeConfig",
     "PreprocessConfig",
     "UserInputError",
     "evaluate",
     "extract_features",
+    "finetune",
     "fit_bpr",
     "fit_probe",
     "load_backbone",
@@ -40,12 +43,14 @@ __all__ = [
 
 _WHERE = {
     "EvaluationConfig": "DiffusionSegLib.evaluate.harness",
+    "FinetuneConfig": "DiffusionSegLib.finetune",
     "PretrainConfig": "DiffusionSegLib.pretrain.config",
     "ProbeConfig": "DiffusionSegLib.probe",
     "PreprocessConfig": "DiffusionSegLib.preprocess",
     "UserInputError": "DiffusionSegLib.errors",
     "evaluate": "DiffusionSegLib.evaluate.harness",
     "extract_features": "DiffusionSegLib.features",
+    "finetune": "DiffusionSegLib.finetune",
     "fit_bpr": "DiffusionSegLib.bpr",
     "fit_probe": "DiffusionSegLib.probe",
     "load_backbone": "DiffusionSegLib.pretrain.export",

@@ -26,6 +26,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "bpr-train": ("bpr_train", "train a Body Part Regressor (anatomical coordinates) on unlabeled CT"),
     "coords": ("coords", "write a CT's dense anatomical coordinates (3-component volume on the input grid)"),
     "train-probe": ("train_probe", "train a few-shot organ probe on a frozen backbone from a few labeled CTs"),
+    "finetune": ("finetune", "fine-tune a backbone and segmentation head end to end on labeled CT (accurate)"),
     "segment": ("segment", "segment organs in a CT with a trained probe (label map or Slicer .seg.nrrd)"),
 }
 

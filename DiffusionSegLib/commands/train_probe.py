@@ -17,8 +17,9 @@ import numpy as np
 log = logging.getLogger(__name__)
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--backbone", required=True, help="backbone weights (.safetensors from pretraining)")
+def add_case_arguments(parser: argparse.ArgumentParser) -> None:
+    """The labeled cases and organs to learn (``--data`` or ``--case``, ``--organs``...; read by
+    :func:`labeled_pairs`), shared with ``finetune``."""
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--data", help="dataset folder with labeled cases")
     source.add_argument("--case", nargs=2, action="append", metavar=("CT", "LABELS"), help="a CT and its label map "
@@ -28,6 +29,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--organs", help="organs to learn: 'liver,spleen' (ids from the legend) or 'liver=6,spleen=1'; "
                         "default: every organ of the legend")  # fmt: skip
     parser.add_argument("--max-cases", type=int, default=0, help="with --data: use the first N cases (0: all)")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--backbone", required=True, help="backbone weights (.safetensors from pretraining)")
+    add_case_arguments(parser)
     parser.add_argument("-o", "--output", required=True, help="probe file to write (.safetensors)")
     parser.add_argument("--head", choices=("linear", "nonlinear"), default="nonlinear", help="probe head (default "
                         "nonlinear)")  # fmt: skip
@@ -103,13 +109,13 @@ def _remap(label_image, case_legend, probe_labels):
     return image
 
 
-def run(args: argparse.Namespace) -> int:
+def labeled_pairs(args: argparse.Namespace):
+    """The labeled cases and organs of ``--data`` / ``--case``, ``--organs``, ``--labels-legend``: a list of
+    ``(ct path, label map image with the organs' ids)`` and the organ list (shared with ``finetune``)."""
     from DiffusionSegLib.data.datasets import find_labeled_cases
     from DiffusionSegLib.data.labels import read_legend
     from DiffusionSegLib.data.volume import read_volume
     from DiffusionSegLib.errors import UserInputError
-    from DiffusionSegLib.pretrain.export import load_backbone
-    from DiffusionSegLib.probe import ProbeConfig, fit_probe, save_probe
 
     organs = _parse_organs(args.organs)
     legend = read_legend(args.labels_legend) if args.labels_legend else None
@@ -124,6 +130,15 @@ def run(args: argparse.Namespace) -> int:
     else:
         pairs = [(ct, labels, legend) for ct, labels in args.case]
     labels = _select(legend, organs)
+    return [(ct, _remap(read_volume(seg), case_legend, labels)) for ct, seg, case_legend in pairs], labels
+
+
+def run(args: argparse.Namespace) -> int:
+    from DiffusionSegLib.data.volume import read_volume
+    from DiffusionSegLib.errors import UserInputError
+    from DiffusionSegLib.pretrain.export import load_backbone
+    from DiffusionSegLib.probe import ProbeConfig, fit_probe, save_probe
+
     options = {"head": args.head, "timestep": args.timestep, "noise_seed": args.noise_seed,
                "num_noise_draws": args.draws, "steps": args.steps, "patches_per_volume": args.patches_per_volume,
                "lr": args.lr, "seed": args.seed, "device": args.device}  # fmt: skip
@@ -133,8 +148,9 @@ def run(args: argparse.Namespace) -> int:
         cfg = ProbeConfig(**options)
     except ValueError as error:
         raise UserInputError(str(error)) from None
+    pairs, labels = labeled_pairs(args)
     backbone = load_backbone(args.backbone)
-    cases = [(read_volume(ct), _remap(read_volume(seg), case_legend, labels)) for ct, seg, case_legend in pairs]
+    cases = [(read_volume(ct), seg) for ct, seg in pairs]
     log.info("training a %s probe for %s on %d case(s)", cfg.head, ", ".join(l.name for l in labels), len(cases))
     start = time.perf_counter()
     probe = fit_probe(cases, labels, backbone, cfg, bpr=args.bpr)

@@ -184,12 +184,12 @@ def _bpr_model(backbone: BackboneBundle, bpr: Any) -> nn.Module:
     return load_bpr(path)[0]
 
 
-def bpr_coordinates(working_hu: torch.Tensor, backbone: BackboneBundle, bpr: Any = None,
+def bpr_coordinates(working_hu: torch.Tensor | sitk.Image, backbone: BackboneBundle, bpr: Any = None,
                     device: str | torch.device = "cpu") -> torch.Tensor:  # fmt: skip
     """BPR coordinates of a whole working volume, as the backbone saw them in pretraining.
 
     Args:
-        working_hu: (1, 1, D, H, W) HU on the backbone's working grid.
+        working_hu: (1, 1, D, H, W) HU on the BPR's working grid, or a working ``sitk.Image`` at any spacing.
         backbone: the backbone (its recorded BPR hash is checked).
         bpr: a BPR module, ``(module, cfg)``, a weights path, or None for the recorded / shipped default.
         device: where the BPR runs.
@@ -241,8 +241,9 @@ def build_inputs(working_hu: torch.Tensor | np.ndarray | sitk.Image, backbone: B
     """
     from DiffusionSegLib.preprocess import scale_hu
 
-    if isinstance(working_hu, sitk.Image):
-        working_hu = sitk.GetArrayFromImage(working_hu)
+    working_image = working_hu if isinstance(working_hu, sitk.Image) else None
+    if working_image is not None:
+        working_hu = sitk.GetArrayFromImage(working_image)
     hu = torch.as_tensor(np.asarray(working_hu, dtype=np.float32) if isinstance(working_hu, np.ndarray)
                          else working_hu, dtype=torch.float32)  # fmt: skip
     if hu.ndim == 5:
@@ -252,8 +253,9 @@ def build_inputs(working_hu: torch.Tensor | np.ndarray | sitk.Image, backbone: B
     parts = [scale_hu(hu, backbone.pretrain.data.window_hu)[None, None].float()]
     num_coords = 0
     if backbone.use_bpr:
-        if coords is None:
-            coords = bpr_coordinates(hu[None, None], backbone, bpr, device)
+        if coords is None:  # an image carries its spacing: the BPR resamples it to its own grid and back
+            coords = bpr_coordinates(working_image if working_image is not None else hu[None, None], backbone, bpr,
+                                     device)  # fmt: skip
         if tuple(coords.shape) != (1, 3, *hu.shape):
             raise ValueError(f"coordinates shape {tuple(coords.shape)} does not fit the volume {tuple(hu.shape)}")
         parts.append(coords.float().cpu())

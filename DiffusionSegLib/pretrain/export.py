@@ -51,14 +51,17 @@ class BackboneBundle:
 
 
 def export_backbone(path: str | Path, cfg: PretrainConfig, backbone: nn.Module, *, steps: int,
-                    bpr_path: Path | None, val_loss: float | None) -> Path:  # fmt: skip
-    """Write a backbone's weights with its full config (see module docstring)."""
+                    bpr_path: Path | None, val_loss: float | None, bpr_sha256: str | None = None,
+                    extra: dict | None = None) -> Path:  # fmt: skip
+    """Write a backbone's weights with its full config (see module docstring); ``bpr_sha256`` records the BPR
+    by its hash instead of hashing ``bpr_path`` (a fine-tuned backbone keeps its source's); ``extra`` adds
+    provenance to the metadata."""
     config = {
         "unet": backbone.config.to_dict(),
         "pretrain": cfg.to_dict(),
-        "bpr_sha256": file_sha256(bpr_path) if bpr_path else None,
+        "bpr_sha256": bpr_sha256 or (file_sha256(bpr_path) if bpr_path else None),
     }
-    extra = {"steps": steps, "val_loss": val_loss, "method": cfg.method, "use_bpr": cfg.use_bpr}
+    extra = {"steps": steps, "val_loss": val_loss, "method": cfg.method, "use_bpr": cfg.use_bpr, **(extra or {})}
     path = save_weights(path, backbone.state_dict(), kind="backbone", config=config, extra=extra)
     log.info("wrote %s (step %d)", path, steps)
     return path

@@ -23,12 +23,13 @@ __all__ = ["save_probe", "load_probe", "read_probe_config", "check_backbone", "f
 PROBE_FORMAT = 1
 
 
-def save_probe(path: str | os.PathLike, probe: TrainedProbe) -> Path:
+def save_probe(path: str | os.PathLike, probe: TrainedProbe, finetune: dict | None = None) -> Path:
     """Write a probe (atomic).
 
     Args:
         path: destination, conventionally ``*.safetensors``.
         probe: the trained probe.
+        finetune: for the head of a fine-tuned model, how it was fine-tuned (recorded as ``finetune``).
 
     Returns:
         The written path.
@@ -40,6 +41,8 @@ def save_probe(path: str | os.PathLike, probe: TrainedProbe) -> Path:
         "num_classes": probe.num_classes,
         "backbone": probe.backbone,
     }
+    if finetune is not None:
+        config["finetune"] = finetune
     extra = {"history": probe.history[-50:], "best_step": probe.best_step, "best_val_loss": probe.best_val_loss,
              "cancelled": probe.cancelled}  # fmt: skip
     return save_weights(path, probe.head.state_dict(), kind="probe", config=config, extra=extra)
@@ -65,8 +68,8 @@ def check_backbone(record: dict, backbone, source: str = "the probe") -> None:
 
 
 def find_probe_backbone(probe_path: str | os.PathLike, folders: Sequence[str | os.PathLike] | None = None) -> Path:
-    """The backbone file a probe was trained on: the path it recorded, else a backbone file with the recorded hash
-    in ``folders`` (default: the shipped models). Shipped probes record the path they were trained from, which a
+    """The backbone file a probe was trained on: the path it recorded, a file of that name beside the probe, else a
+    backbone file with the recorded hash in ``folders`` (default: the shipped models). Shipped probes record the path they were trained from, which a
     user's install lacks.
 
     Raises:
@@ -77,7 +80,8 @@ def find_probe_backbone(probe_path: str | os.PathLike, folders: Sequence[str | o
 
     record = read_probe_config(probe_path)["backbone"]
     recorded = str(record.get("path", ""))
-    found = find_weights(str(record.get("sha256")), "backbone", [recorded],
+    beside = Path(probe_path).parent / Path(recorded).name  # a fine-tuned model's backbone travels with it
+    found = find_weights(str(record.get("sha256")), "backbone", [recorded, beside],
                          [resources_dir() / "Models"] if folders is None else folders)  # fmt: skip
     if found is None:
         raise UserInputError(f"the backbone of probe '{Path(probe_path).name}' ({Path(recorded).name}, sha256 "

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 from features.tiny_backbone import make_backbone
-from helpers import data_path
+from helpers import data_path, dice, read_labeled_case
 
 from DiffusionSegLib.data.labels import organ_label
 from DiffusionSegLib.data.volume import read_volume
@@ -30,13 +30,9 @@ FAST = {"head": "linear", "lr": 3e-2, "steps": 150, "patch_size_vox": (16, 32, 3
         "val_every": 25}  # fmt: skip
 
 
-def dice(a: np.ndarray, b: np.ndarray) -> float:
-    return float(2 * np.logical_and(a, b).sum() / max(a.sum() + b.sum(), 1))
-
-
 @pytest.fixture(scope="module")
 def case():
-    return read_volume(data_path("labeled/ircadb1.01_ct.nii.gz")), read_volume(data_path("labeled/ircadb1.01_organs.nii.gz"))
+    return read_labeled_case("ircadb1.01")
 
 
 @pytest.fixture(scope="module")

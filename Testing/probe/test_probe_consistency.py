@@ -13,7 +13,7 @@ import pytest
 import SimpleITK as sitk
 import torch
 from features.tiny_backbone import make_backbone
-from helpers import data_path
+from helpers import data_path, dice
 
 import DiffusionSegLib.features as features
 from DiffusionSegLib.data.labels import organ_label
@@ -24,10 +24,6 @@ from DiffusionSegLib.probe.sampling import cut_patch, prepare_labeled_volume
 BONE = organ_label(1, "bone")
 LIVER = organ_label(6, "liver")
 PATCH = (16, 32, 32)
-
-
-def dice(a: np.ndarray, b: np.ndarray) -> float:
-    return float(2 * np.logical_and(a, b).sum() / max(a.sum() + b.sum(), 1))
 
 
 @pytest.fixture(scope="module")

@@ -159,3 +159,33 @@ def test_missing_inputs_give_clear_errors(ds, scene, tmp_path):
         bogus = tmp_path / "x.safetensors"
         bogus.write_bytes(b"junk")
         logic.importProbe(bogus)
+
+
+def test_background_finetune_stopped_early_keeps_a_model_segment_can_use(ds, scene, tiny_backbone, make_case,
+                                                                         tmp_path):
+    """The training panel's accurate path: Cancel (requestStop) ends a fine-tune with its best model so far, which
+    is listed among the probes and whose fine-tuned backbone is found beside it."""
+    import time
+
+    from DiffusionSegLib.finetune import backbone_output_path
+
+    logic = ds.DiffusionSegLogic(scene, probeFolder=tmp_path / "probes")
+    _, volume_node, segmentation_node = make_case(scene)
+    options = {"spacing_mm": [6.0, 6.0, 6.0], "patch_size_vox": [16, 32, 32], "checkpoint_every": 1000}
+    task = logic.prepareFinetune([volume_node], [segmentation_node], logic.newProbePath("tuned"), minutes=60,
+                                 backbonePath=tiny_backbone, finetuneOptions=options)  # fmt: skip
+    logic.start(task)
+    deadline, seen = time.monotonic() + 240, []
+    while time.monotonic() < deadline and not any(m.startswith("fine-tuning step 3/") for m in seen):
+        seen += [message for _, message in logic.poll(task)]
+        time.sleep(0.2)
+    assert any(m.startswith("fine-tuning step 3/") for m in seen), seen[-5:]
+    logic.requestStop(task)
+    path = logic.complete(task, timeout=120)
+    metadata = ds.readWeightsMetadata(path)
+    assert metadata["kind"] == "probe" and metadata["extra"]["cancelled"] is True
+    assert 3 <= metadata["config"]["finetune"]["steps"] < metadata["config"]["finetune"]["planned_steps"]
+    assert str(path) in [probe["path"] for probe in logic.listProbes()]
+    assert logic.resolveBackbone(path) == backbone_output_path(path)
+    segmentation = logic.segment(volume_node, path)
+    assert segmentation.GetSegmentation().GetNumberOfSegments() >= 1

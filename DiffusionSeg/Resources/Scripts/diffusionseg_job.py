@@ -2,7 +2,8 @@
 
     PythonSlicer diffusionseg_job.py JOB.json
 
-``JOB.json`` says what to do (``"kind"``: ``segment`` | ``coords`` | ``train-probe``) and where the input and
+``JOB.json`` says what to do (``"kind"``: ``segment`` | ``coords`` | ``train-probe`` |
+``finetune``) and where the input and
 output files are; the Slicer module writes it, runs this script, then turns the output files into MRML nodes.
 All the work is done by DiffusionSegLib (``segment``, ``predict_body_coordinates``, ``fit_probe``); this file
 only reads and writes files and reports progress on stdout, one line each::
@@ -82,7 +83,31 @@ def _train_probe(job: dict, report: ProgressCallback, should_stop: Callable[[], 
             "best_val_loss": probe.best_val_loss}  # fmt: skip
 
 
-JOBS = {"segment": _segment, "coords": _coords, "train-probe": _train_probe}
+def _finetune(job: dict, report: ProgressCallback, should_stop: Callable[[], bool]) -> dict:
+    """Fine-tune end to end; SIGTERM (the module's Cancel) stops after the current step and keeps the best model."""
+    import signal
+
+    from DiffusionSegLib.data.labels import labels_from_names
+    from DiffusionSegLib.data.volume import read_volume
+    from DiffusionSegLib.finetune import FinetuneConfig, finetune
+    from DiffusionSegLib.pretrain.export import load_backbone
+
+    report(0.0, "loading the backbone")
+    backbone = load_backbone(job["backbone"])
+    labels = labels_from_names({int(value): name for value, name in job["names"].items()})
+    cases = [(read_volume(ct), read_volume(label)) for ct, label in job["cases"]]
+    options = {"budget_minutes": float(job.get("minutes", 15.0)), "device": _device(job)}
+    options.update(job.get("finetune_options") or {})
+    stop = {"requested": False}
+    signal.signal(signal.SIGTERM, lambda signum, frame: stop.update(requested=True))
+    result = finetune(cases, labels, backbone, job["output"], FinetuneConfig(**options), progress=False,
+                      progress_callback=report, should_stop=lambda: stop["requested"] or should_stop())  # fmt: skip
+    return {"probe": str(result.probe_path), "backbone": str(result.backbone_path),
+            "organs": [label.name for label in result.probe.labels], "cancelled": result.cancelled,
+            "steps": result.steps}  # fmt: skip
+
+
+JOBS = {"segment": _segment, "coords": _coords, "train-probe": _train_probe, "finetune": _finetune}
 
 
 def run_job(job: dict, progress_callback: ProgressCallback | None = None,

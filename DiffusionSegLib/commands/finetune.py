@@ -1,0 +1,90 @@
+"""Fine-tune a backbone and a segmentation head end to end on labeled CT (the accurate path; ``train-probe`` is
+the quick one).
+
+Cases and organs are chosen as for ``train-probe`` (``--data`` folder or ``--case CT LABELS`` pairs, ``--organs``).
+The model is a probe file (``-o model.safetensors``) with its fine-tuned backbone beside it
+(``model.backbone.safetensors``); ``segment --probe model.safetensors`` uses it. Training runs for ``--minutes`` of
+wall time (the cosine learning-rate schedule is fitted to that budget) or ``--steps``; with ``--run-dir`` it
+snapshots every ``--checkpoint-every`` steps and running the same command again resumes. Ctrl-C or SIGTERM stops
+it and writes the best model so far.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import time
+
+log = logging.getLogger(__name__)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from DiffusionSegLib.commands.train_probe import add_case_arguments
+
+    parser.add_argument("--backbone", help="pretrained backbone (default: the shipped diffusion + BPR backbone)")
+    add_case_arguments(parser)
+    parser.add_argument("-o", "--output", required=True, help="model file to write (.safetensors)")
+    parser.add_argument("--run-dir", help="folder for resumable snapshots (default: none)")
+    parser.add_argument("--init", choices=("pretrained", "random"), default="pretrained",
+                        help="start from the backbone's weights or a random init of its network (default pretrained)")
+    parser.add_argument("--minutes", type=float, default=15.0, help="training budget in minutes (default 15; 0: "
+                        "use --steps)")  # fmt: skip
+    parser.add_argument("--steps", type=int, default=0, help="training steps (with --minutes 0), or a cap")
+    parser.add_argument("--spacing", type=float, nargs=3, metavar=("X", "Y", "Z"), help="working spacing in mm "
+                        "(default 3 3 3)")  # fmt: skip
+    parser.add_argument("--patch", type=int, nargs=3, metavar=("D", "H", "W"), help="training patch in working "
+                        "voxels (default 64 64 64)")  # fmt: skip
+    parser.add_argument("--batch-size", type=int, default=2, help="patches per step (default 2)")
+    parser.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (default 1e-3)")
+    parser.add_argument("--val-volumes", type=int, default=1, help="cases held out to choose the checkpoint "
+                        "(default 1; used with 3 or more cases)")  # fmt: skip
+    parser.add_argument("--val-every", type=int, default=100, help="steps between validations (default 100)")
+    parser.add_argument("--checkpoint-every", type=int, default=50, help="steps between snapshots (default 50)")
+    parser.add_argument("--seed", type=int, default=0, help="initialisation / sampling seed (default 0)")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="default: GPU if present")
+    parser.add_argument("--bpr", help="BPR weights for a backbone with coordinates (default: the recorded one)")
+
+
+def run(args: argparse.Namespace) -> int:
+    from DiffusionSegLib.commands.train_probe import labeled_pairs
+    from DiffusionSegLib.data.volume import read_volume
+    from DiffusionSegLib.errors import UserInputError
+    from DiffusionSegLib.finetune import FinetuneConfig, finetune
+    from DiffusionSegLib.pretrain.export import load_backbone
+    from DiffusionSegLib.resources import default_backbone_path
+
+    options = {"init": args.init, "budget_minutes": args.minutes, "steps": args.steps, "batch_size": args.batch_size,
+               "lr": args.lr, "val_volumes": args.val_volumes, "val_every": args.val_every,
+               "checkpoint_every": args.checkpoint_every, "seed": args.seed, "device": args.device}  # fmt: skip
+    if args.spacing:
+        options["spacing_mm"] = tuple(args.spacing)
+    if args.patch:
+        options["patch_size_vox"] = tuple(args.patch)
+    try:
+        cfg = FinetuneConfig(**options)
+    except ValueError as error:
+        raise UserInputError(str(error)) from None
+    pairs, labels = labeled_pairs(args)
+    backbone = load_backbone(args.backbone or default_backbone_path())
+    cases = [(read_volume(ct), seg) for ct, seg in pairs]
+    stop = {"requested": False}
+
+    def request_stop(signum, frame) -> None:  # the loop writes the best model so far and a snapshot
+        log.info("stop requested (signal %d): finishing the current step", signum)
+        stop["requested"] = True
+
+    previous = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        start = time.perf_counter()
+        log.info("fine-tuning (%s init) for %s on %d case(s)", cfg.init, ", ".join(l.name for l in labels), len(cases))
+        result = finetune(cases, labels, backbone, args.output, cfg, run_dir=args.run_dir,
+                          case_names=[str(ct) for ct, _ in pairs], bpr=args.bpr,
+                          should_stop=lambda: stop["requested"])  # fmt: skip
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    log.info("wrote %s and %s: %d of %d steps, kept step %d%s (%.1f min)", result.probe_path, result.backbone_path,
+             result.steps, result.planned_steps, result.best_step, ", stopped early" if result.cancelled else "",
+             (time.perf_counter() - start) / 60)  # fmt: skip
+    return 0

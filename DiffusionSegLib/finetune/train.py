@@ -1,0 +1,435 @@
+"""End-to-end fine-tuning: a backbone plus a segmentation head trained on labeled CT.
+
+The recipe a segmentation engineer expects (nnU-Net / MONAI style):
+
+* every CT on the fine-tuning working grid (``FinetuneConfig.spacing_mm``), with the BPR coordinates the
+  backbone was pretrained with as extra input channels;
+* class-balanced patches (a class drawn uniformly among those present, then one of its voxels as the centre);
+* spatial augmentation (MONAI ``RandAffine``: rotation and zoom, no flips: kidneys and adrenals are sided) on a
+  patch cut larger than the training patch, so rotated corners hold real anatomy, intensity scale / shift, and a
+  random offset of the patch's BPR coordinates (they are a coarse prior: the same organ's coordinates differ
+  between patients by tens of mm);
+* Dice + cross-entropy (``monai.losses.DiceCELoss``), AdamW, linear warm-up then cosine decay to 0 at the last
+  step; with a budget in minutes the step count is fixed after timing the first steps (and one validation),
+  so the schedule spans the budget;
+* the checkpoint with the best mean Dice on held-out volumes (whole-volume sliding windows) is kept;
+* a resumable snapshot (``last.pt``) every ``checkpoint_every`` steps and on cancel; running again resumes at
+  the saved step with the same RNG state, so the resumed run equals the uninterrupted one.
+
+The result is an ordinary backbone file (fine-tuned weights; its preprocessing records the fine-tuning spacing)
+and a linear-head probe file on it, so ``segment``, the demo and the Slicer module use it unchanged.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import logging
+import math
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+from torch import nn
+
+from DiffusionSegLib.data.labels import OrganLabel
+from DiffusionSegLib.errors import UserInputError
+from DiffusionSegLib.finetune.config import FinetuneConfig
+
+__all__ = ["SegmentationNetwork", "FinetuneResult", "FinetuneCancelled", "finetune", "finetune_backbone_bundle",
+           "backbone_output_path", "learning_rate_at"]
+
+log = logging.getLogger(__name__)
+
+CALIBRATION_STEPS = 6
+"""Steps timed (after the first) to turn a budget in minutes into a step count."""
+SNAPSHOT = "last.pt"
+
+
+class FinetuneCancelled(RuntimeError):
+    """``should_stop()`` returned True before the first training step."""
+
+
+class SegmentationNetwork(nn.Module):
+    """Backbone and head as one trainable module: a window of :class:`~DiffusionSegLib.features.VolumeInputs`
+    (scaled image, coordinates, noise) → class logits, the input built exactly as for frozen features."""
+
+    def __init__(self, bundle, head: nn.Module, timestep: int) -> None:
+        super().__init__()
+        from DiffusionSegLib.features import FeatureConfig, FeatureExtractor
+
+        self.extractor = FeatureExtractor(bundle, FeatureConfig(timestep=timestep))
+        self.head = head
+        self.timestep = int(timestep)
+
+    @property
+    def backbone(self) -> nn.Module:
+        return self.extractor.model
+
+    def forward(self, window: torch.Tensor) -> torch.Tensor:
+        x = self.extractor.network_input(window).contiguous(memory_format=torch.channels_last_3d)
+        t = torch.full((x.shape[0],), self.timestep, device=x.device, dtype=torch.long)
+        return self.head(self.extractor.model(x, t).pyramid)
+
+
+@dataclass
+class FinetuneResult:
+    """What :func:`finetune` returns.
+
+    Attributes:
+        probe: the segmentation head as a :class:`~DiffusionSegLib.probe.TrainedProbe` of the fine-tuned backbone.
+        backbone: the fine-tuned backbone (loaded from ``backbone_path``).
+        probe_path, backbone_path: the written files.
+        history: one dict per validation (step, minutes, train_loss, val_dice, lr).
+        steps: steps trained; ``planned_steps``: the schedule's length.
+        best_step: step of the kept model (the last step without held-out volumes).
+        cancelled: stopped by ``should_stop()``; the best model so far was written.
+        seconds: wall time of preparation and training.
+    """
+
+    probe: object
+    backbone: object
+    probe_path: Path
+    backbone_path: Path
+    history: list[dict] = field(default_factory=list)
+    steps: int = 0
+    planned_steps: int = 0
+    best_step: int = 0
+    cancelled: bool = False
+    seconds: dict = field(default_factory=dict)
+
+
+def learning_rate_at(step: int, planned: int, cfg: FinetuneConfig) -> float:
+    """Linear warm-up to ``cfg.lr`` over ``warmup_steps``, then cosine decay to 0 at step ``planned``."""
+    warm = min(1.0, step / cfg.warmup_steps) if cfg.warmup_steps else 1.0
+    fraction = min(max(step - cfg.warmup_steps, 0) / max(planned - cfg.warmup_steps, 1), 1.0)
+    return cfg.lr * warm * 0.5 * (1.0 + math.cos(math.pi * fraction))
+
+
+def finetune_backbone_bundle(bundle, cfg: FinetuneConfig):
+    """The backbone bundle as the fine-tuned model will record it: working spacing and patch of ``cfg``, the
+    weights trainable (a copy), or freshly initialised with ``cfg.init == "random"``."""
+    from DiffusionSegLib.nets import UNet3d
+    from DiffusionSegLib.pretrain.export import BackboneBundle
+
+    pretrain = bundle.pretrain
+    pretrain = dataclasses.replace(
+        pretrain,
+        preprocess=dataclasses.replace(pretrain.preprocess, spacing_mm=tuple(cfg.spacing_mm)),
+        data=dataclasses.replace(pretrain.data, patch_size_vox=tuple(cfg.patch_size_vox)),
+    )
+    if cfg.init == "random":
+        torch.manual_seed(cfg.seed)
+        model = UNet3d.from_config(bundle.model.config)
+    else:
+        model = copy.deepcopy(bundle.model)
+    model.requires_grad_(True).train()
+    return BackboneBundle(model, pretrain, bundle.sha256, bundle.bpr_sha256, bundle.path)
+
+
+def backbone_output_path(probe_path: str | os.PathLike) -> Path:
+    """Where the fine-tuned backbone of model file ``x.safetensors`` goes: ``x.backbone.safetensors``."""
+    path = Path(probe_path)
+    stem = path.name[: -len(".safetensors")] if path.name.endswith(".safetensors") else path.name
+    return path.with_name(f"{stem}.backbone.safetensors")
+
+
+def _check(cfg: FinetuneConfig, divisor: int) -> None:
+    if any(s % divisor for s in cfg.patch_size_vox):
+        raise UserInputError(f"patch size {cfg.patch_size_vox} is not a multiple of {divisor} (the backbone's size "
+                             "divisor) along every axis")  # fmt: skip
+
+
+class _Augment:
+    """Cut an enlarged class-balanced patch, rotate / zoom it to the training patch, jitter its intensity.
+
+    All randomness comes from the caller's generator, so a resumed run repeats the same patches."""
+
+    def __init__(self, cfg: FinetuneConfig) -> None:
+        from monai.transforms import RandAffine
+
+        self.cfg = cfg
+        grow = 1.0 + (0.35 if (cfg.rotate_deg or cfg.scale) else 0.0)
+        self.cut_size = tuple(int(math.ceil(s * grow)) for s in cfg.patch_size_vox)
+        angle = math.radians(cfg.rotate_deg)
+        self.affine = RandAffine(prob=cfg.augment_probability, rotate_range=(angle, angle, angle),
+                                 scale_range=(cfg.scale,) * 3, spatial_size=cfg.patch_size_vox,
+                                 padding_mode="border", cache_grid=False, lazy=False)  # fmt: skip
+
+    def __call__(self, volume, rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        from DiffusionSegLib.probe.sampling import cut_patch, sample_patch_origins
+
+        origin = sample_patch_origins(volume.classes, self.cut_size, 1, rng)[0]
+        window, classes = cut_patch(volume, origin, self.cut_size)
+        self.affine.set_random_state(seed=int(rng.integers(2**31)))
+        self.affine.randomize(None)
+        window = torch.as_tensor(self.affine(window[0], randomize=False, mode="bilinear"))
+        classes = torch.as_tensor(self.affine(classes[0].float(), randomize=False, mode="nearest",
+                                              padding_mode="zeros")).round().long()  # fmt: skip
+        factor = 1.0 + rng.uniform(-self.cfg.intensity_scale, self.cfg.intensity_scale)
+        shift = rng.uniform(-self.cfg.intensity_shift, self.cfg.intensity_shift)
+        window = window.float().clone()
+        window[0] = window[0] * float(factor) + float(shift)
+        coords = volume.inputs.num_coords
+        if coords and not self.cfg.use_coordinates:
+            window[1 : 1 + coords] = 0.0
+        elif coords:  # channels 1..3 are (x, y, z) in network units (UNIT_MM)
+            from DiffusionSegLib.bpr import UNIT_MM
+
+            jitter = rng.uniform(-1.0, 1.0, 3) * np.asarray(self.cfg.coordinate_jitter_mm) / UNIT_MM
+            window[1 : 1 + coords] += torch.as_tensor(jitter[:coords], dtype=torch.float32).view(-1, 1, 1, 1)
+        return window, classes
+
+
+def _dice_per_class(prediction: np.ndarray, reference: np.ndarray, num_classes: int) -> list[float]:
+    """Dice of classes 1..num_classes-1 present in the reference (NaN where absent from it)."""
+    scores = []
+    for c in range(1, num_classes):
+        ref, pred = reference == c, prediction == c
+        total = int(ref.sum()) + int(pred.sum())
+        scores.append(float("nan") if not ref.any() else 2.0 * float((ref & pred).sum()) / max(total, 1))
+    return scores
+
+
+@torch.no_grad()
+def _validate(network: SegmentationNetwork, volumes, cfg: FinetuneConfig, device: torch.device,
+              num_classes: int) -> float:  # fmt: skip
+    from monai.inferers import sliding_window_inference
+
+    network.eval()
+    means = []
+    for volume in volumes:
+        inputs = volume.inputs.tensor
+        if volume.inputs.num_coords and not cfg.use_coordinates:
+            inputs = inputs.clone()
+            inputs[:, 1 : 1 + volume.inputs.num_coords] = 0.0
+        logits = sliding_window_inference(inputs, roi_size=cfg.patch_size_vox, sw_batch_size=1,
+                                          predictor=network, overlap=cfg.overlap, mode="gaussian",
+                                          sw_device=device, device="cpu")  # fmt: skip
+        prediction = logits[0].argmax(0).numpy()
+        means.append(np.nanmean(_dice_per_class(prediction, volume.classes, num_classes)))
+    network.train()
+    return float(np.mean(means))
+
+
+def _state(network, optimiser, step, planned, best, history, losses, rng, elapsed, cfg, names) -> dict:
+    return {"network": network.state_dict(), "optimiser": optimiser.state_dict(), "step": step,
+            "planned_steps": planned, "best": best, "history": history, "losses": losses[-50:],
+            "rng": rng.bit_generator.state,
+            "torch_rng": torch.get_rng_state(), "elapsed_s": elapsed, "config": cfg.to_dict(),
+            "cases": list(names)}  # fmt: skip
+
+
+def finetune(cases: Sequence[tuple[sitk.Image, sitk.Image]], labels: Sequence[OrganLabel], backbone,
+             output: str | os.PathLike, cfg: FinetuneConfig | None = None, *, run_dir: str | os.PathLike | None = None,
+             case_names: Sequence[str] | None = None, bpr=None, progress: bool = True,
+             progress_callback: Callable[[float, str], None] | None = None,
+             should_stop: Callable[[], bool] | None = None) -> FinetuneResult:  # fmt: skip
+    """Fine-tune a backbone and a segmentation head end to end on labeled CTs and write the model.
+
+    Args:
+        cases: ``(ct, label map)`` pairs, each label map on its CT's grid with the ids of ``labels``.
+        labels: the organs to learn (other ids count as background).
+        backbone: the pretrained :class:`~DiffusionSegLib.pretrain.export.BackboneBundle` (its architecture, HU
+            window, BPR and, with ``cfg.init == "pretrained"``, its weights).
+        output: the model file to write (a probe file); the fine-tuned backbone goes beside it
+            (:func:`backbone_output_path`).
+        cfg: settings; default :class:`FinetuneConfig`.
+        run_dir: folder of the resumable snapshot ``last.pt`` (None: no snapshots). An existing snapshot of the
+            same settings and cases is resumed; one of other settings is refused.
+        case_names: names of the cases (recorded; default ``case 1``...).
+        bpr: the BPR for the coordinates (default: the one the backbone was pretrained with).
+        progress: show a tqdm bar.
+        progress_callback: called as ``(fraction, message)``.
+        should_stop: polled every step; True writes the best model so far (and the snapshot) and returns with
+            ``cancelled=True``.
+
+    Raises:
+        UserInputError: no cases, an unusable CT or label map, an organ absent from every case, a patch not a
+            multiple of the backbone's divisor, or a snapshot of other settings in ``run_dir``.
+        FinetuneCancelled: stopped before the first step (nothing is written).
+    """
+    from monai.losses import DiceCELoss
+    from tqdm.auto import tqdm
+
+    from DiffusionSegLib.checkpoint import load_training_state, save_training_state
+    from DiffusionSegLib.features import FeatureConfig, resolve_device
+    from DiffusionSegLib.features.extractor import _bpr_model
+    from DiffusionSegLib.probe.sampling import prepare_labeled_volume
+    from DiffusionSegLib.probe.train import _check_labels, build_head
+
+    cfg = cfg or FinetuneConfig()
+    labels = list(labels)
+    if not cases:
+        raise UserInputError("no labeled cases given; fine-tuning needs at least one CT with its label map")
+    names = list(case_names) if case_names is not None else [f"case {i + 1}" for i in range(len(cases))]
+    _check(cfg, backbone.model.config.size_divisor)
+    report = progress_callback or (lambda fraction, message: None)
+    stop = should_stop or (lambda: False)
+    device = resolve_device(cfg.device)
+    timings: dict[str, float] = {}
+    clock = time.perf_counter()
+
+    snapshot = Path(run_dir) / SNAPSHOT if run_dir is not None else None
+    state = load_training_state(snapshot) if snapshot is not None and snapshot.is_file() else None
+    if state is not None and (state["config"] != cfg.to_dict() or state["cases"] != names):
+        raise UserInputError(f"'{snapshot}' holds a fine-tuning run of other settings or cases; choose another run "
+                             "folder or delete it to start over")  # fmt: skip
+
+    bpr_module = _bpr_model(backbone, bpr) if backbone.use_bpr else None
+    trainable = finetune_backbone_bundle(backbone, cfg)
+    feature_cfg = FeatureConfig(timestep=cfg.timestep)
+    volumes = []
+    for i, (image, label) in enumerate(cases):
+        if stop():
+            raise FinetuneCancelled("fine-tuning cancelled while preparing the volumes")
+        report(0.05 * i / len(cases), f"preparing volume {i + 1}/{len(cases)}")
+        volumes.append(prepare_labeled_volume(image, label, labels, trainable, feature_cfg, names[i],
+                                              bpr=bpr_module, device=device))  # fmt: skip
+    _check_labels(labels, [v.present for v in volumes])
+    held_out = cfg.val_volumes if len(volumes) >= 3 and len(volumes) > cfg.val_volumes else 0
+    train_volumes, val_volumes = volumes[: len(volumes) - held_out], volumes[len(volumes) - held_out :]
+    _check_labels(labels, [v.present for v in train_volumes])
+    timings["prepare"] = time.perf_counter() - clock
+
+    torch.manual_seed(cfg.seed)
+    head = build_head("linear", trainable.feature_channels, len(labels) + 1)
+    network = SegmentationNetwork(trainable, head, cfg.timestep).to(device)
+    network.train()
+    optimiser = torch.optim.AdamW(network.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    loss_fn = DiceCELoss(to_onehot_y=True, softmax=True, batch=True)
+    augment = _Augment(cfg)
+    rng = np.random.default_rng(cfg.seed)
+    step, elapsed, history, losses = 0, 0.0, [], []
+    planned = cfg.steps if not cfg.budget_minutes else 0
+    best = {"score": -1.0, "step": 0, "network": None}
+    if state is not None:
+        network.load_state_dict(state["network"])
+        optimiser.load_state_dict(state["optimiser"])
+        step, planned, best, history = state["step"], state["planned_steps"], state["best"], state["history"]
+        losses = list(state["losses"])
+        rng.bit_generator.state = state["rng"]
+        torch.set_rng_state(state["torch_rng"])
+        elapsed = float(state["elapsed_s"])
+        log.info("resuming fine-tuning from %s at step %d of %d", snapshot, step, planned)
+
+    def save_snapshot() -> None:
+        if snapshot is not None:
+            save_training_state(snapshot, _state(network, optimiser, step, planned, best, history, losses, rng,
+                                                 elapsed, cfg, names))  # fmt: skip
+
+    budget_s = cfg.budget_minutes * 60.0
+    bar = tqdm(total=planned or None, initial=step, desc="fine-tune", disable=not progress, leave=False)
+    cancelled, step_times = False, []
+    while planned == 0 or step < planned:
+        if stop():
+            cancelled = True
+            break
+        if budget_s and elapsed > budget_s * 1.02:  # the schedule was planned to end inside the budget
+            log.info("fine-tuning: budget of %.1f min spent at step %d of %d", cfg.budget_minutes, step, planned)
+            break
+        started = time.perf_counter()
+        if planned:
+            for group in optimiser.param_groups:
+                group["lr"] = learning_rate_at(step + 1, planned, cfg)
+        else:
+            for group in optimiser.param_groups:  # calibration steps: warm-up as if the run were long
+                group["lr"] = cfg.lr * min(1.0, (step + 1) / cfg.warmup_steps) if cfg.warmup_steps else cfg.lr
+        batch = [augment(train_volumes[int(rng.integers(len(train_volumes)))], rng) for _ in range(cfg.batch_size)]
+        windows = torch.stack([b[0] for b in batch]).to(device)
+        targets = torch.stack([b[1] for b in batch]).to(device)
+        loss = loss_fn(network(windows), targets)
+        optimiser.zero_grad(set_to_none=True)
+        loss.backward()
+        optimiser.step()
+        step += 1
+        losses.append(float(loss.detach()))
+        seconds = time.perf_counter() - started
+        elapsed += seconds
+        step_times.append(seconds)
+        if not planned and step == CALIBRATION_STEPS + 1:
+            val_start = time.perf_counter()
+            score = _validate(network, val_volumes, cfg, device, len(labels) + 1) if val_volumes else float("nan")
+            val_seconds = time.perf_counter() - val_start
+            elapsed += val_seconds
+            per_step = float(np.mean(step_times[1:])) + (val_seconds / cfg.val_every if val_volumes else 0.0)
+            planned = step + max(int((budget_s - elapsed) / per_step), 0)
+            if cfg.steps:
+                planned = min(planned, cfg.steps)
+            planned = max(planned, step)
+            bar.reset(total=planned)
+            bar.update(step)
+            log.info("fine-tuning: %.2f s per step (validation included) → %d steps in %.1f min", per_step, planned,
+                     cfg.budget_minutes)  # fmt: skip
+        else:
+            bar.update(1)
+        last = planned and step >= planned
+        if step % cfg.val_every == 0 or last:
+            val_start = time.perf_counter()
+            score = _validate(network, val_volumes, cfg, device, len(labels) + 1) if val_volumes else float("nan")
+            elapsed += time.perf_counter() - val_start
+            record = {"step": step, "minutes": round(elapsed / 60.0, 3), "train_loss": float(np.mean(losses[-50:])),
+                      "val_dice": score, "lr": optimiser.param_groups[0]["lr"]}  # fmt: skip
+            history.append(record)
+            bar.set_postfix(loss=f"{record['train_loss']:.3f}", val=f"{score:.3f}")
+            if val_volumes and score > best["score"]:
+                best = {"score": score, "step": step, "network": copy.deepcopy(network.state_dict())}
+        if step % cfg.checkpoint_every == 0 or last:
+            save_snapshot()
+        report(0.05 + 0.95 * step / max(planned, 1), f"fine-tuning step {step}/{planned or '?'} "
+               f"(loss {losses[-1]:.3f})")  # fmt: skip
+    bar.close()
+    if step == 0:
+        raise FinetuneCancelled("fine-tuning cancelled before the first step")
+    if cancelled:
+        save_snapshot()
+    timings["train"] = elapsed
+    if val_volumes and best["network"] is not None:
+        if not history or history[-1]["step"] != step:  # cancelled between validations: score the latest too
+            score = _validate(network, val_volumes, cfg, device, len(labels) + 1)
+            history.append({"step": step, "minutes": round(elapsed / 60.0, 3),
+                            "train_loss": float(np.mean(losses[-50:])) if losses else float("nan"),
+                            "val_dice": score, "lr": optimiser.param_groups[0]["lr"]})  # fmt: skip
+            if score > best["score"]:
+                best = {"score": score, "step": step, "network": copy.deepcopy(network.state_dict())}
+        network.load_state_dict(best["network"])
+        best_step = best["step"]
+    else:
+        best_step = step
+    return _write(network, trainable, backbone, labels, cfg, output, history, step, planned, best_step, cancelled,
+                  names, timings)
+
+
+def _write(network, trainable, source, labels, cfg, output, history, step, planned, best_step, cancelled, names,
+           timings) -> FinetuneResult:  # fmt: skip
+    from DiffusionSegLib.probe import ProbeConfig, TrainedProbe, save_probe
+    from DiffusionSegLib.probe.train import backbone_record
+    from DiffusionSegLib.pretrain.export import export_backbone, load_backbone
+
+    network.eval()
+    if source.use_bpr and not cfg.use_coordinates:  # trained on zero coordinates: make the model ignore them
+        with torch.no_grad():
+            network.backbone.stem.weight[:, 1:4] = 0.0
+    output = Path(output)
+    backbone_path = backbone_output_path(output)
+    extra = {"finetuned_from": source.sha256, "finetune": cfg.to_dict(), "cases": list(names)}
+    # the coordinates input is the source backbone's BPR (checked by its hash when the BPR was loaded)
+    export_backbone(backbone_path, trainable.pretrain, network.backbone.cpu(), steps=step, bpr_path=None,
+                    bpr_sha256=source.bpr_sha256, val_loss=None, extra=extra)  # fmt: skip
+    bundle = load_backbone(backbone_path)
+    # the head as a probe of the fine-tuned backbone; its "validation loss" is 1 - the held-out mean Dice
+    probe_cfg = ProbeConfig(head="linear", timestep=cfg.timestep, patch_size_vox=cfg.patch_size_vox,
+                            window_vox=cfg.patch_size_vox, overlap=cfg.overlap, steps=step, seed=cfg.seed,
+                            device=cfg.device)  # fmt: skip
+    probe = TrainedProbe(network.head.cpu().eval(), probe_cfg, list(labels), backbone_record(bundle),
+                         [dict(h) for h in history], best_step,
+                         1.0 - max((h["val_dice"] for h in history if h["step"] == best_step), default=float("nan")),
+                         cancelled)  # fmt: skip
+    save_probe(output, probe, finetune=dict(extra, planned_steps=planned, steps=step))
+    log.info("wrote %s and %s (step %d of %d, kept step %d)", output, backbone_path, step, planned, best_step)
+    return FinetuneResult(probe, bundle, output, backbone_path, history, step, planned, best_step, cancelled, timings)

@@ -1,0 +1,137 @@
+"""End-to-end fine-tuning on real labeled CT with a tiny backbone: it learns, Cancel keeps the best model, resume
+continues from the saved step, and the written model segments through the ordinary ``segment`` path."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+from features.tiny_backbone import make_backbone
+from helpers import data_path, dice, read_labeled_case
+
+from DiffusionSegLib.cli import main
+from DiffusionSegLib.data.labels import organ_label
+from DiffusionSegLib.data.volume import read_volume
+from DiffusionSegLib.errors import UserInputError
+from DiffusionSegLib.finetune import FinetuneConfig, backbone_output_path, finetune, learning_rate_at
+from DiffusionSegLib.probe import find_probe_backbone, load_probe, read_probe_config, segment
+from DiffusionSegLib.pretrain.export import load_backbone
+
+LIVER, SPLEEN = organ_label(6, "liver"), organ_label(1, "spleen")
+TINY = {"spacing_mm": (6.0, 6.0, 6.0), "patch_size_vox": (32, 32, 32), "budget_minutes": 0, "lr": 3e-3,
+        "warmup_steps": 5, "val_every": 10, "checkpoint_every": 5, "device": "cpu"}  # fmt: skip
+
+
+class StepCounter:
+    """A progress callback counting the training steps reported (the Cancel button's view of a run)."""
+
+    def __init__(self) -> None:
+        self.done = 0
+
+    def __call__(self, fraction: float, message: str) -> None:
+        if message.startswith("fine-tuning step"):
+            self.done += 1
+
+
+@pytest.fixture(scope="module")
+def case():
+    return read_labeled_case("ircadb1.01")
+
+
+@pytest.fixture(scope="module")
+def backbone(tmp_path_factory):
+    return make_backbone(tmp_path_factory.mktemp("bb") / "backbone.safetensors")
+
+
+def liver_dice(model, case) -> float:
+    backbone = load_backbone(find_probe_backbone(model))
+    result = segment(case[0], load_probe(model, backbone), backbone)
+    assert result.labels.GetSize() == case[0].GetSize() and result.labels.GetOrigin() == case[0].GetOrigin()
+    reference = sitk.GetArrayViewFromImage(case[1]) == LIVER.value
+    return dice(sitk.GetArrayViewFromImage(result.labels) == LIVER.value, reference)
+
+
+def test_finetuning_learns_the_liver_far_beyond_the_untrained_network_and_a_threshold(case, backbone, tmp_path):
+    untrained = finetune([case], [LIVER, SPLEEN], backbone, tmp_path / "untrained.safetensors",
+                         FinetuneConfig(**TINY, steps=1, seed=0), progress=False)  # fmt: skip
+    trained = finetune([case], [LIVER, SPLEEN], backbone, tmp_path / "trained.safetensors",
+                       FinetuneConfig(**TINY, steps=80, seed=0), progress=False)  # fmt: skip
+    assert trained.steps == trained.planned_steps == 80 and trained.best_step == 80  # one case: the last model
+    before, after = liver_dice(untrained.probe_path, case), liver_dice(trained.probe_path, case)
+    hu = sitk.GetArrayViewFromImage(case[0])
+    reference = sitk.GetArrayViewFromImage(case[1]) == LIVER.value
+    threshold = dice((hu > 30) & (hu < 200), reference)  # the one-line rule a probe must beat
+    assert after > max(0.7, before + 0.4, threshold + 0.15), (before, after, threshold)
+    config = read_probe_config(trained.probe_path)
+    assert config["finetune"]["finetuned_from"] == backbone.sha256 and config["finetune"]["steps"] == 80
+    assert backbone_output_path(trained.probe_path) == trained.backbone_path
+    assert tuple(trained.backbone.pretrain.preprocess.spacing_mm) == (6.0, 6.0, 6.0)
+
+
+def test_cancel_keeps_the_best_model_of_the_held_out_volume(backbone, tmp_path):
+    cases = [(read_volume(data_path(f"btcv/btcv_{c}_ct.nii.gz")), read_volume(data_path(f"btcv/btcv_{c}_labels.nii.gz")))
+             for c in ("0001", "0002", "0003")]  # fmt: skip
+    steps = StepCounter()
+    cfg = FinetuneConfig(**dict(TINY, val_every=5), steps=200)
+    result = finetune(cases, [LIVER], backbone, tmp_path / "m.safetensors", cfg, run_dir=tmp_path / "run",
+                      progress=False, progress_callback=steps, should_stop=lambda: steps.done >= 25)  # fmt: skip
+    assert result.cancelled and result.steps == 25 < result.planned_steps == 200
+    scores = {h["step"]: h["val_dice"] for h in result.history}
+    assert sorted(scores) == [5, 10, 15, 20, 25]
+    assert result.best_step == max(scores, key=scores.get)
+    assert (tmp_path / "run" / "last.pt").is_file() and result.probe_path.is_file()
+    # the written model is the best one: validating it again gives the best score, not the last
+    from DiffusionSegLib.finetune.train import SegmentationNetwork, _validate
+    from DiffusionSegLib.features import FeatureConfig
+    from DiffusionSegLib.probe.sampling import prepare_labeled_volume
+
+    saved = result.backbone
+    saved.model.requires_grad_(False)
+    network = SegmentationNetwork(saved, load_probe(result.probe_path, saved).head, 0)
+    held_out = prepare_labeled_volume(*cases[-1], [LIVER], saved, FeatureConfig(), "held out")
+    assert _validate(network, [held_out], cfg, torch.device("cpu"), 2) == pytest.approx(scores[result.best_step],
+                                                                                        abs=1e-6)  # fmt: skip
+
+
+def test_resume_continues_from_the_saved_step_and_equals_an_uninterrupted_run(case, backbone, tmp_path):
+    cfg = FinetuneConfig(**TINY, steps=12)
+    whole = finetune([case], [LIVER], backbone, tmp_path / "whole.safetensors", cfg, run_dir=tmp_path / "a",
+                     progress=False)  # fmt: skip
+    steps = StepCounter()
+    first = finetune([case], [LIVER], backbone, tmp_path / "part.safetensors", cfg, run_dir=tmp_path / "b",
+                     progress=False, progress_callback=steps, should_stop=lambda: steps.done >= 6)  # fmt: skip
+    assert first.cancelled and first.steps == 6
+    resumed = finetune([case], [LIVER], backbone, tmp_path / "part.safetensors", cfg, run_dir=tmp_path / "b",
+                       progress=False)  # fmt: skip
+    assert not resumed.cancelled and resumed.steps == 12
+    assert [h["step"] for h in resumed.history] == [h["step"] for h in whole.history] == [10, 12]
+    assert [h["train_loss"] for h in resumed.history] == pytest.approx([h["train_loss"] for h in whole.history])
+    for name, value in whole.backbone.model.state_dict().items():
+        torch.testing.assert_close(resumed.backbone.model.state_dict()[name], value, msg=name)
+    with pytest.raises(UserInputError, match="other settings"):
+        finetune([case], [LIVER], backbone, tmp_path / "x.safetensors", FinetuneConfig(**TINY, steps=13),
+                 run_dir=tmp_path / "b", progress=False)  # fmt: skip
+
+
+def test_schedule_warms_up_then_decays_to_zero_at_the_planned_step():
+    cfg = FinetuneConfig(lr=1e-3, warmup_steps=10, budget_minutes=0, steps=100)
+    rates = [learning_rate_at(s, 100, cfg) for s in range(0, 101)]
+    assert rates[0] == 0 and rates[10] == pytest.approx(1e-3) and rates[100] == pytest.approx(0, abs=1e-12)
+    assert all(a <= b for a, b in zip(rates[:10], rates[1:11])) and all(a >= b for a, b in zip(rates[10:], rates[11:]))
+
+
+def test_finetune_command_writes_a_model_that_segment_uses(case, backbone, tmp_path):
+    ct, organs = str(data_path("labeled/ircadb1.01_ct.nii.gz")), str(data_path("labeled/ircadb1.01_organs.nii.gz"))
+    legend = str(data_path("labeled/ircadb1.01_legend.json"))
+    model = tmp_path / "liver.safetensors"
+    status = main(["finetune", "--backbone", str(backbone.path), "--case", ct, organs, "--labels-legend", legend,
+                   "--organs", "liver", "--minutes", "0", "--steps", "3", "--spacing", "6", "6", "6", "--patch", "32",
+                   "32", "32", "--device", "cpu", "-o", str(model)])  # fmt: skip
+    assert status == 0 and model.is_file() and backbone_output_path(model).is_file()
+    out = tmp_path / "liver.seg.nrrd"
+    assert main(["segment", ct, "--probe", str(model), "-o", str(out)]) == 0
+    assert sitk.ReadImage(str(out)).GetSize() == case[0].GetSize()
+    bad = main(["finetune", "--backbone", str(backbone.path), "--case", ct, organs, "--labels-legend", legend,
+                "--organs", "liver", "--patch", "30", "32", "32", "-o", str(tmp_path / "bad.safetensors")])  # fmt: skip
+    assert bad == 2 and not (tmp_path / "bad.safetensors").exists()

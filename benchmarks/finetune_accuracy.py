@@ -1,0 +1,224 @@
+"""Accuracy benchmark of fine-tuning on a fixed split of the 20 shared BTCV cases (issue: segmentations worth using).
+
+Split (fixed before any result was seen): the test cases are every fourth case in sorted order, from the fourth
+(btcv_0004, 0008, 0022, 0026, 0030); the other 15 train. Regimes: ``full`` (the 15; the last of them, btcv_0029,
+held out to choose the checkpoint) and ``fewshot`` (2 of the 15 drawn with ``numpy.random.default_rng(draw)``, no
+held-out volume: the end of the cosine schedule is kept). Every run trains at one budget in minutes on this
+machine's cores; each test case is segmented with ``segment`` (largest component per organ) and scored on its
+**original grid** (Dice per organ, Big / Medium / Small groups). The two 3D-IRCADb scans are an external test
+(never trained on; their labeled organs only).
+
+A run is reused when its folder holds a model and a ``key.json`` equal to the run's key (method, backbone hash,
+cases, every fine-tuning setting); an interrupted run resumes from its snapshot. Results:
+``benchmarks/results/finetune_accuracy/{report.json,report.md}`` and per run ``runs/<name>/`` (the model and its
+backbone, ``key.json``, ``train.json`` with the learning curve, ``result.json`` with the scores; the resumable
+``snapshot/`` is not committed).
+
+    .venv/bin/python benchmarks/finetune_accuracy.py                       # every row at its default budget
+    .venv/bin/python benchmarks/finetune_accuracy.py --only pretrained_fewshot_d0 --budget-fewshot 15
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from DiffusionSegLib.data.labels import BTCV_LABELS  # noqa: E402
+
+DATA = Path(os.environ.get("DIFFUSIONSEG_DATA", REPO.parent / "shared" / "data"))
+
+log = logging.getLogger("finetune_accuracy")
+OUT = REPO / "benchmarks" / "results" / "finetune_accuracy"
+METHODS = {  # row name: (what it is, FinetuneConfig fields)
+    "pretrained": ("fine-tuned from diffusion + BPR pretraining", {"init": "pretrained"}),
+    "pretrained_nocoords": ("fine-tuned from diffusion + BPR pretraining, coordinates off",
+                            {"init": "pretrained", "use_coordinates": False}),
+    "random": ("our network, random init, fine-tuned", {"init": "random"}),
+}
+DRAWS = (0, 1)
+
+
+def split(case_ids: list[str]) -> tuple[list[str], list[str]]:
+    """(training, test) case ids: every fourth sorted case from the fourth is a test case."""
+    ordered = sorted(case_ids)
+    test = ordered[3::4]
+    return [c for c in ordered if c not in test], test
+
+
+def run_cases(regime: str, draw: int, training: list[str]) -> list[str]:
+    if regime == "full":
+        return list(training)
+    chosen = np.random.default_rng(draw).choice(len(training), 2, replace=False)
+    return [training[i] for i in sorted(chosen)]
+
+
+def runs(args) -> list[dict]:
+    """Every row of the table: name, method, regime, draw, budget."""
+    rows = [{"name": f"{m}_full", "method": m, "regime": "full", "draw": 0, "budget": args.budget_full}
+            for m in METHODS]  # fmt: skip
+    rows += [{"name": f"{m}_fewshot_d{d}", "method": m, "regime": "fewshot", "draw": d, "budget": args.budget_fewshot}
+             for m in METHODS for d in DRAWS]  # fmt: skip
+    return [r for r in rows if not args.only or r["name"] in args.only]
+
+
+def _key(row: dict, cases: list[str], backbone, cfg) -> dict:
+    return {"method": row["method"], "backbone_sha256": backbone.sha256, "cases": cases, "finetune": cfg.to_dict(),
+            "organs": [o.name for o in BTCV_LABELS]}  # fmt: skip
+
+
+def train(row: dict, cases_by_id: dict, training: list[str], backbone, args) -> tuple[Path, dict]:
+    from DiffusionSegLib.data.volume import read_volume
+    from DiffusionSegLib.finetune import FinetuneConfig, finetune
+
+    cases = run_cases(row["regime"], row["draw"], training)
+    cfg = FinetuneConfig(**METHODS[row["method"]][1], budget_minutes=row["budget"], seed=row["draw"],
+                         val_volumes=1 if row["regime"] == "full" else 0, device=args.device)  # fmt: skip
+    folder = OUT / "runs" / row["name"]
+    model = folder / "model.safetensors"
+    key = _key(row, cases, backbone, cfg)
+    key_file = folder / "key.json"
+    if model.is_file() and key_file.is_file() and json.loads(key_file.read_text()) == key:
+        log.info("%s: reusing %s", row["name"], model)
+        return model, json.loads((folder / "train.json").read_text())
+    if key_file.is_file() and json.loads(key_file.read_text()) != key:  # other settings: start that row over
+        shutil.rmtree(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    key_file.write_text(json.dumps(key, indent=1))
+    pairs = [(read_volume(cases_by_id[c].image), read_volume(cases_by_id[c].label)) for c in cases]
+    started = time.perf_counter()
+    result = finetune(pairs, BTCV_LABELS, backbone, model, cfg, run_dir=folder / "snapshot", case_names=cases,
+                      progress=not args.quiet)  # fmt: skip
+    info = {"cases": cases, "steps": result.steps, "planned_steps": result.planned_steps, "best_step": result.best_step,
+            "history": result.history, "seconds": result.seconds, "wall_s": time.perf_counter() - started,
+            "cancelled": result.cancelled}  # fmt: skip
+    (folder / "train.json").write_text(json.dumps(info, indent=1))
+    return model, info
+
+
+def evaluate(model: Path, test_cases: list, external: list) -> dict:
+    from DiffusionSegLib.data.volume import read_volume
+    from DiffusionSegLib.evaluate.metrics import organ_metrics, size_group_means
+    from DiffusionSegLib.probe import find_probe_backbone, load_probe, segment
+    from DiffusionSegLib.pretrain.export import load_backbone
+
+    backbone = load_backbone(find_probe_backbone(model))
+    probe = load_probe(model, backbone)
+    out = {"test": {}, "external": {}}
+    for where, cases in (("test", test_cases), ("external", external)):
+        for case_id, image_path, label_path, organs in cases:
+            image, reference = read_volume(image_path), read_volume(label_path)
+            started = time.perf_counter()
+            result = segment(image, probe, backbone, largest_component=True)
+            seconds = time.perf_counter() - started
+            import SimpleITK as sitk
+
+            scores = organ_metrics(sitk.GetArrayFromImage(result.labels), sitk.GetArrayFromImage(reference), organs,
+                                   image.GetSpacing())  # fmt: skip
+            dice = {name: s["dice"] for name, s in scores.items() if where == "test" or s["present_in_reference"]}
+            out[where][case_id] = {"dice": dice, "groups": size_group_means(dice), "segment_s": seconds}
+            log.info("%s %s: mean Dice %.3f (%.1f s)", model.parent.name, case_id, out[where][case_id]["groups"]["mean"],
+                     seconds)  # fmt: skip
+    return out
+
+
+def _external_cases() -> list:
+    from DiffusionSegLib.data.labels import read_legend
+
+    root = DATA / "labeled"
+    cases = []
+    for case in ("ircadb1.01", "ircadb1.17"):
+        image, labels = root / f"{case}_ct.nii.gz", root / f"{case}_organs.nii.gz"
+        if not image.is_file():
+            continue
+        legend = {o.name: o for o in read_legend(root / f"{case}_legend.json", "organs")}
+        organs = [o for o in BTCV_LABELS if o.name in legend and legend[o.name].value == o.value]
+        cases.append((case, image, labels, organs))
+    return cases
+
+
+def summarise(row: dict, info: dict, scores: dict) -> dict:
+    test = scores["test"]
+    organs = [o.name for o in BTCV_LABELS]
+    per_organ = {o: float(np.nanmean([c["dice"].get(o, np.nan) for c in test.values()])) for o in organs}
+    groups = {g: float(np.nanmean([c["groups"][g] for c in test.values()])) for g in ("big", "medium", "small", "mean")}
+    spread = float(np.std([c["groups"]["mean"] for c in test.values()]))
+    external = {case: c["dice"] for case, c in scores["external"].items()}
+    return dict(row, cases=info["cases"], steps=info["steps"], train_minutes=info["seconds"]["train"] / 60,
+                wall_minutes=info["wall_s"] / 60, per_organ=per_organ, groups=groups, mean_spread=spread,
+                external=external, segment_s=float(np.mean([c["segment_s"] for c in test.values()])))  # fmt: skip
+
+
+def write_report(rows: list[dict]) -> None:
+    (OUT / "report.json").write_text(json.dumps(rows, indent=1))
+    short = {"spleen": "spl", "right kidney": "rkid", "left kidney": "lkid", "liver": "liv", "aorta": "aor",
+             "pancreas": "pan", "stomach": "sto"}  # fmt: skip
+    lines = ["# Fine-tuning accuracy, fixed BTCV split (5 test cases on their original grid)", "",
+             "Command: `.venv/bin/python benchmarks/finetune_accuracy.py` (see its docstring for the split).", "",
+             "| model | regime | cases | budget (min) | steps | Big | Medium | Small | Mean ± sd (13) | "
+             + " | ".join(short.values()) + " |",
+             "|---|---|---|---:|---:|---:|---:|---:|---:|" + "---:|" * len(short)]  # fmt: skip
+    for r in rows:
+        g = r["groups"]
+        organs = " | ".join(f"{r['per_organ'][o]:.3f}" for o in short)
+        lines.append(f"| {METHODS[r['method']][0]} | {r['regime']} | {', '.join(c[-4:] for c in r['cases'])} | "
+                     f"{r['budget']:g} | {r['steps']} | {g['big']:.3f} | {g['medium']:.3f} | {g['small']:.3f} | "
+                     f"{g['mean']:.3f} ± {r['mean_spread']:.3f} | {organs} |")  # fmt: skip
+    lines += ["", "External test (3D-IRCADb, never trained on), Dice per labeled organ:", ""]
+    for r in rows:
+        parts = [f"{case}: " + ", ".join(f"{o} {d:.3f}" for o, d in dice.items()) for case, dice in r["external"].items()]
+        lines.append(f"* {r['name']}: " + "; ".join(parts))
+    (OUT / "report.md").write_text("\n".join(lines) + "\n")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--only", nargs="*", help="run only these rows (names as in the report)")
+    parser.add_argument("--budget-full", type=float, default=40.0, help="minutes per full-regime run (default 40)")
+    parser.add_argument("--budget-fewshot", type=float, default=15.0, help="minutes per 2-case run (default 15)")
+    parser.add_argument("--backbone", default=str(REPO / "Resources" / "Models" / "backbone_default.safetensors"))
+    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    parser.add_argument("--train-only", action="store_true", help="train (or reuse) the runs, skip evaluation")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+
+    from DiffusionSegLib.checkpoint import file_sha256
+    from DiffusionSegLib.data.datasets import find_labeled_cases
+    from DiffusionSegLib.pretrain.export import load_backbone
+
+    found = {c.case_id: c for c in find_labeled_cases(DATA / "btcv")}
+    training, test = split(list(found))
+    backbone = load_backbone(args.backbone)
+    test_cases = [(c, found[c].image, found[c].label, BTCV_LABELS) for c in test]
+    external = _external_cases()
+    previous = {r["name"]: r for r in json.loads((OUT / "report.json").read_text())} if (OUT / "report.json").is_file() else {}
+    for row in runs(args):
+        model, info = train(row, found, training, backbone, args)
+        if args.train_only:
+            continue
+        result_file = model.parent / "result.json"
+        digest = file_sha256(model)
+        if result_file.is_file() and json.loads(result_file.read_text()).get("model_sha256") == digest:
+            scores = json.loads(result_file.read_text())["scores"]
+        else:
+            scores = evaluate(model, test_cases, external)
+            result_file.write_text(json.dumps({"model_sha256": digest, "scores": scores}, indent=1))
+        previous[row["name"]] = summarise(row, info, scores)
+        write_report(list(previous.values()))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,45 @@
+"""Choose between fine-tuning settings without the test cases: score few-shot models on training-pool cases they
+were not trained on (the benchmark's 15 training cases minus each model's own), never on the 5 test cases.
+
+    .venv/bin/python benchmarks/finetune_select.py ROW [ROW ...] [--cases 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import finetune_accuracy as bench  # noqa: E402
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("rows", nargs="+", help="benchmark rows (run folders) to compare")
+    parser.add_argument("--cases", type=int, default=3, help="validation cases per model (default 3)")
+    args = parser.parse_args()
+    from DiffusionSegLib.data.datasets import find_labeled_cases
+    from DiffusionSegLib.data.labels import BTCV_LABELS
+
+    found = {c.case_id: c for c in find_labeled_cases(bench.DATA / "btcv")}
+    training, _ = bench.split(list(found))
+    results = {}
+    for row in args.rows:
+        folder = bench.OUT / "runs" / row
+        used = json.loads((folder / "key.json").read_text())["cases"]
+        validation = [c for c in training if c not in used][: args.cases]
+        scores = bench.evaluate(folder / "model.safetensors",
+                                [(c, found[c].image, found[c].label, BTCV_LABELS) for c in validation], [])
+        results[row] = {"cases": validation,
+                        "mean": float(np.mean([s["groups"]["mean"] for s in scores["test"].values()]))}
+        print(row, results[row], flush=True)
+    (bench.OUT / "selection.json").write_text(json.dumps(results, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
