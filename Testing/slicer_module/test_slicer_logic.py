@@ -184,7 +184,8 @@ def test_background_finetune_stopped_early_keeps_a_model_segment_can_use(ds, sce
     path = logic.complete(task, timeout=120)
     metadata = ds.readWeightsMetadata(path)
     assert metadata["kind"] == "probe" and metadata["extra"]["cancelled"] is True
-    assert 3 <= metadata["config"]["finetune"]["steps"] < metadata["config"]["finetune"]["planned_steps"]
+    record = metadata["config"]["finetune"]  # stopped early: before the budget was planned, or before its end
+    assert record["steps"] >= 3 and (record["planned_steps"] == 0 or record["steps"] < record["planned_steps"])
     assert str(path) in [probe["path"] for probe in logic.listProbes()]
     assert logic.resolveBackbone(path) == backbone_output_path(path)
     segmentation = logic.segment(volume_node, path)
