@@ -82,6 +82,8 @@ except ImportError:  # plain Python + slicer-core: no Qt, no application; only t
 log = logging.getLogger("DiffusionSeg")
 
 JOB_SCRIPT = MODULE_DIR / "Resources" / "Scripts" / "diffusionseg_job.py"
+FIELD_OF_VIEW_ATTRIBUTE = "DiffusionSeg.FieldOfView"
+"""Segmentation node attribute: what the scan covers and which organs lie outside it (empty when unknown)."""
 REQUIREMENTS_FILE = MODULE_DIR / "Resources" / "requirements.txt"
 PROGRESS_PREFIX, RESULT_PREFIX, ERROR_PREFIX = "DIFFUSIONSEG_PROGRESS", "DIFFUSIONSEG_RESULT", "DIFFUSIONSEG_ERROR"
 IMPORT_NAMES = {"scikit-image": "skimage", "pyyaml": "yaml"}  # pip name -> import name where they differ
@@ -480,6 +482,10 @@ class DiffusionSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if task.kind == "segment":
             self._parameterNode.outputSegmentation = result
             result.CreateClosedSurfaceRepresentation()
+            view = result.GetAttribute(FIELD_OF_VIEW_ATTRIBUTE)
+            if view:
+                self._done(f"segment: done; {view}.")
+                return
         elif task.kind == "coords":
             self._parameterNode.coordinatesVolume = result
             slicer.util.setSliceViewerLayers(background=self._parameterNode.inputVolume, foreground=result,
@@ -620,9 +626,11 @@ class DiffusionSegLogic(ScriptedLoadableModuleLogic):
             from DiffusionSegLib.mrml import segmentation_node_from_labelmap
 
             labels = labels_from_json(json.loads(Path(result["legend"]).read_text()))
-            return segmentation_node_from_labelmap(sitk.ReadImage(result["labels"]), labels, self.scene,
+            node = segmentation_node_from_labelmap(sitk.ReadImage(result["labels"]), labels, self.scene,
                                                    f"{volumeNode.GetName()} segmentation", volumeNode,
                                                    outputSegmentationNode)  # fmt: skip
+            node.SetAttribute(FIELD_OF_VIEW_ATTRIBUTE, result.get("field_of_view") or "")
+            return node
 
         return self._newTask("segment", job, finish, device)
 

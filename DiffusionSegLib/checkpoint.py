@@ -135,8 +135,11 @@ def read_weights_header(path: str | os.PathLike, kind: str | None = None) -> tup
         with open(path, "rb") as handle:
             size = int.from_bytes(handle.read(8), "little")
             if not 0 < size < 100_000_000:
-                raise ValueError(f"header size {size} is implausible")
-            raw = dict(json.loads(handle.read(size)).get("__metadata__") or {})
+                raise ValueError(f"header size {size} is implausible: not a safetensors weights file")
+            text = handle.read(size)
+            if len(text) < size:
+                raise ValueError(f"the file is truncated (its header is {size} bytes, {len(text)} are there)")
+            raw = dict(json.loads(text).get("__metadata__") or {})
         config = json.loads(raw["config"]) if "config" in raw else None
         extra = json.loads(raw.get("extra", "{}"))
     except (OSError, ValueError, AttributeError) as error:
@@ -183,7 +186,7 @@ def load_weights(path: str | os.PathLike, kind: str | None = None) -> tuple[dict
     try:
         state_dict = load_file(str(path))
     except Exception as error:  # safetensors raises several types for damaged files
-        raise UserInputError(f"cannot read weights '{path}': {error}") from None
+        raise UserInputError(f"cannot read weights '{path}': the file is truncated or damaged ({error})") from None
     return state_dict, config, metadata
 
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from helpers import DATA
+from features.tiny_backbone import make_backbone
+from helpers import DATA, read_labeled_case
 
 
 @pytest.fixture(scope="session")
@@ -27,3 +28,15 @@ def torch_threads():
     torch.set_num_threads(int(os.environ.get("DIFFUSIONSEG_TEST_THREADS", "1")))
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def backbone(tmp_path_factory):
+    """A tiny diffusion + BPR backbone file, loaded (one per test module)."""
+    return make_backbone(tmp_path_factory.mktemp("bb") / "backbone.safetensors")
+
+
+@pytest.fixture(scope="module")
+def case():
+    """3D-IRCADb 1.01: (CT, 13-organ label map) with its manual liver, spleen and kidney masks."""
+    return read_labeled_case("ircadb1.01")

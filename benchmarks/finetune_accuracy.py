@@ -21,7 +21,6 @@ backbone, ``key.json``, ``train.json`` with the learning curve, ``result.json`` 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import logging
 import os
@@ -34,6 +33,7 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
 
 from DiffusionSegLib.data.labels import BTCV_LABELS  # noqa: E402
 
@@ -46,7 +46,10 @@ METHODS = {  # row name: (what it is, FinetuneConfig fields)
     "pretrained_nocoords": ("fine-tuned from diffusion + BPR pretraining, coordinates off",
                             {"init": "pretrained", "use_coordinates": False}),
     "random": ("our network, random init, fine-tuned", {"init": "random"}),
+    "monai_unet": ("MONAI UNet from scratch (DESIGN.md §2 recipe)", None),
 }
+"""``monai_unet`` is what a user does without us (``benchmarks/monai_unet_baseline.py``), trained at the same
+budget on the same cases and scored the same way (no largest-component clean-up: a plain MONAI user has none)."""
 DRAWS = (0, 1)
 
 
@@ -78,16 +81,25 @@ def _key(row: dict, cases: list[str], backbone, cfg) -> dict:
             "organs": [o.name for o in BTCV_LABELS]}  # fmt: skip
 
 
+def _baseline_key(row: dict, cases: list[str]) -> dict:
+    from DiffusionSegLib.checkpoint import file_sha256
+
+    return {"method": row["method"], "recipe_sha256": file_sha256(REPO / "benchmarks" / "monai_unet_baseline.py"),
+            "cases": cases, "budget_minutes": row["budget"], "seed": row["draw"], "organs": [o.name for o in BTCV_LABELS]}  # fmt: skip
+
+
 def train(row: dict, cases_by_id: dict, training: list[str], backbone, args) -> tuple[Path, dict]:
     from DiffusionSegLib.data.volume import read_volume
     from DiffusionSegLib.finetune import FinetuneConfig, finetune
 
     cases = run_cases(row["regime"], row["draw"], training)
-    cfg = FinetuneConfig(**METHODS[row["method"]][1], budget_minutes=row["budget"], seed=row["draw"],
-                         val_volumes=1 if row["regime"] == "full" else 0, device=args.device)  # fmt: skip
     folder = OUT / "runs" / row["name"]
-    model = folder / "model.safetensors"
-    key = _key(row, cases, backbone, cfg)
+    if row["method"] == "monai_unet":
+        model, key = folder / "model.pt", _baseline_key(row, cases)
+    else:
+        cfg = FinetuneConfig(**METHODS[row["method"]][1], budget_minutes=row["budget"], seed=row["draw"],
+                             val_volumes=1 if row["regime"] == "full" else 0, device=args.device)  # fmt: skip
+        model, key = folder / "model.safetensors", _key(row, cases, backbone, cfg)
     key_file = folder / "key.json"
     if model.is_file() and key_file.is_file() and json.loads(key_file.read_text()) == key:
         log.info("%s: reusing %s", row["name"], model)
@@ -98,33 +110,53 @@ def train(row: dict, cases_by_id: dict, training: list[str], backbone, args) -> 
     key_file.write_text(json.dumps(key, indent=1))
     pairs = [(read_volume(cases_by_id[c].image), read_volume(cases_by_id[c].label)) for c in cases]
     started = time.perf_counter()
-    result = finetune(pairs, BTCV_LABELS, backbone, model, cfg, run_dir=folder / "snapshot", case_names=cases,
-                      progress=not args.quiet)  # fmt: skip
-    info = {"cases": cases, "steps": result.steps, "planned_steps": result.planned_steps, "best_step": result.best_step,
-            "history": result.history, "seconds": result.seconds, "wall_s": time.perf_counter() - started,
-            "cancelled": result.cancelled}  # fmt: skip
+    if row["method"] == "monai_unet":
+        from monai_unet_baseline import train_unet
+
+        # the full regime keeps the best validation on its last case, as fine-tuning does
+        held_out = pairs[-1] if row["regime"] == "full" else None
+        info = train_unet(pairs[:-1] if held_out else pairs, [o.value for o in BTCV_LABELS], row["budget"],
+                          row["draw"], model, held_out, "cuda" if args.device == "cuda" else "cpu")  # fmt: skip
+        info.update(cases=cases, wall_s=time.perf_counter() - started, cancelled=False)
+    else:
+        result = finetune(pairs, BTCV_LABELS, backbone, model, cfg, run_dir=folder / "snapshot", case_names=cases,
+                          progress=not args.quiet)  # fmt: skip
+        info = {"cases": cases, "steps": result.steps, "planned_steps": result.planned_steps,
+                "best_step": result.best_step, "history": result.history, "seconds": result.seconds,
+                "wall_s": time.perf_counter() - started, "cancelled": result.cancelled}  # fmt: skip
     (folder / "train.json").write_text(json.dumps(info, indent=1))
     return model, info
 
 
-def evaluate(model: Path, test_cases: list, external: list) -> dict:
-    from DiffusionSegLib.data.volume import read_volume
-    from DiffusionSegLib.evaluate.metrics import organ_metrics, size_group_means
+def _segmenter(model: Path):
+    """``image -> label map on its grid`` for a run's model file."""
+    if model.suffix == ".pt":
+        from monai_unet_baseline import UNetSegmenter
+
+        return UNetSegmenter(model)
     from DiffusionSegLib.probe import find_probe_backbone, load_probe, segment
     from DiffusionSegLib.pretrain.export import load_backbone
 
     backbone = load_backbone(find_probe_backbone(model))
     probe = load_probe(model, backbone)
+    return lambda image: segment(image, probe, backbone, largest_component=True).labels
+
+
+def evaluate(model: Path, test_cases: list, external: list) -> dict:
+    import SimpleITK as sitk
+
+    from DiffusionSegLib.data.volume import read_volume
+    from DiffusionSegLib.evaluate.metrics import organ_metrics, size_group_means
+
+    segment = _segmenter(model)
     out = {"test": {}, "external": {}}
     for where, cases in (("test", test_cases), ("external", external)):
         for case_id, image_path, label_path, organs in cases:
             image, reference = read_volume(image_path), read_volume(label_path)
             started = time.perf_counter()
-            result = segment(image, probe, backbone, largest_component=True)
+            labels = segment(image)
             seconds = time.perf_counter() - started
-            import SimpleITK as sitk
-
-            scores = organ_metrics(sitk.GetArrayFromImage(result.labels), sitk.GetArrayFromImage(reference), organs,
+            scores = organ_metrics(sitk.GetArrayFromImage(labels), sitk.GetArrayFromImage(reference), organs,
                                    image.GetSpacing())  # fmt: skip
             dice = {name: s["dice"] for name, s in scores.items() if where == "test" or s["present_in_reference"]}
             out[where][case_id] = {"dice": dice, "groups": size_group_means(dice), "segment_s": seconds}

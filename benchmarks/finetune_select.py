@@ -25,19 +25,22 @@ def main() -> int:
     from DiffusionSegLib.data.datasets import find_labeled_cases
     from DiffusionSegLib.data.labels import BTCV_LABELS
 
+    from DiffusionSegLib.checkpoint import file_sha256
+
     found = {c.case_id: c for c in find_labeled_cases(bench.DATA / "btcv")}
     training, _ = bench.split(list(found))
-    results = {}
+    record = bench.OUT / "selection.json"
+    results = json.loads(record.read_text()) if record.is_file() else {}
     for row in args.rows:
         folder = bench.OUT / "runs" / row
         used = json.loads((folder / "key.json").read_text())["cases"]
         validation = [c for c in training if c not in used][: args.cases]
-        scores = bench.evaluate(folder / "model.safetensors",
-                                [(c, found[c].image, found[c].label, BTCV_LABELS) for c in validation], [])
-        results[row] = {"cases": validation,
+        model = next(p for p in (folder / "model.safetensors", folder / "model.pt") if p.is_file())
+        scores = bench.evaluate(model, [(c, found[c].image, found[c].label, BTCV_LABELS) for c in validation], [])
+        results[row] = {"cases": validation, "model_sha256": file_sha256(model),
                         "mean": float(np.mean([s["groups"]["mean"] for s in scores["test"].values()]))}
         print(row, results[row], flush=True)
-    (bench.OUT / "selection.json").write_text(json.dumps(results, indent=1))
+    record.write_text(json.dumps(results, indent=1))
     return 0
 
 

@@ -27,7 +27,7 @@ from DiffusionSegLib.bpr.objective import bpr_objective, slice_objective
 from DiffusionSegLib.bpr.sampling import TrainingVolume, sample_crop_pairs, sample_slice_crops
 from DiffusionSegLib.bpr.slice_model import SliceBodyPartRegressor
 from DiffusionSegLib.checkpoint import load_training_state, save_training_state, truncate_log
-from DiffusionSegLib.data.volume import read_volume
+from DiffusionSegLib.data.gate import read_ct
 from DiffusionSegLib.errors import UserInputError
 from DiffusionSegLib.preprocess import PreparedVolume, PreprocessConfig, prepare_volume
 
@@ -70,7 +70,7 @@ def load_training_volumes(images: Sequence[ImageLike], cfg: AnyBPRConfig, progre
         if isinstance(item, PreparedVolume):
             prepared, name = item, "prepared"
         else:
-            image = item if isinstance(item, sitk.Image) else read_volume(item)
+            image = item if isinstance(item, sitk.Image) else read_ct(item)
             name = "" if isinstance(item, sitk.Image) else Path(item).name
             prepared = prepare_volume(image, PreprocessConfig(spacing_mm=cfg.spacing_mm))
         spacing = prepared.image.GetSpacing()

@@ -31,15 +31,17 @@ def run(args: argparse.Namespace) -> int:
 
     from DiffusionSegLib.bpr.inference import predict_body_coordinates
     from DiffusionSegLib.bpr.model import load_bpr
-    from DiffusionSegLib.data.volume import read_volume, write_volume
+    from DiffusionSegLib.data.gate import check_output_path, read_ct
+    from DiffusionSegLib.data.volume import write_volume
     from DiffusionSegLib.errors import UserInputError
 
     if not 0 <= args.overlap < 1:
         raise UserInputError(f"--overlap {args.overlap} is invalid; expected a value in [0, 1)")
     if args.threads:
         torch.set_num_threads(args.threads)
+    check_output_path(args.output, what="coordinate map")
+    image = read_ct(args.volume)
     model, _ = load_bpr(args.weights)
-    image = read_volume(args.volume)
     start = time.perf_counter()
     coordinates = predict_body_coordinates(image, model, mode=args.mode, overlap=args.overlap)
     seconds = time.perf_counter() - start

@@ -14,7 +14,8 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-from DiffusionSegLib.data.volume import read_volume, same_grid, volume_info, write_volume
+from DiffusionSegLib.data.gate import read_ct
+from DiffusionSegLib.data.volume import same_grid, volume_info, write_volume
 from DiffusionSegLib.errors import UserInputError
 
 
@@ -66,7 +67,7 @@ def run(args: argparse.Namespace) -> int:
     stages = _Stages()
     started = time.perf_counter()
 
-    image = stages.run("read", read_volume, source)
+    image = stages.run("read", read_ct, source)
     info = volume_info(image)
     print(f"input     {source}: {' x '.join(map(str, info['size']))} voxels, "
           f"{' x '.join(f'{s:g}' for s in info['spacing_mm'])} mm, {info['orientation']}", flush=True)  # fmt: skip

@@ -48,7 +48,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from DiffusionSegLib.commands.train_probe import labeled_pairs
-    from DiffusionSegLib.data.volume import read_volume
+    from DiffusionSegLib.data.gate import check_output_path
     from DiffusionSegLib.errors import UserInputError
     from DiffusionSegLib.finetune import FinetuneConfig, finetune
     from DiffusionSegLib.pretrain.export import load_backbone
@@ -65,9 +65,9 @@ def run(args: argparse.Namespace) -> int:
         cfg = FinetuneConfig(**options)
     except ValueError as error:
         raise UserInputError(str(error)) from None
-    pairs, labels = labeled_pairs(args)
+    check_output_path(args.output, (".safetensors",), "model")
     backbone = load_backbone(args.backbone or default_backbone_path())
-    cases = [(read_volume(ct), seg) for ct, seg in pairs]
+    cases, labels, names = labeled_pairs(args)
     stop = {"requested": False}
 
     def request_stop(signum, frame) -> None:  # the loop writes the best model so far and a snapshot
@@ -79,7 +79,7 @@ def run(args: argparse.Namespace) -> int:
         start = time.perf_counter()
         log.info("fine-tuning (%s init) for %s on %d case(s)", cfg.init, ", ".join(l.name for l in labels), len(cases))
         result = finetune(cases, labels, backbone, args.output, cfg, run_dir=args.run_dir,
-                          case_names=[str(ct) for ct, _ in pairs], bpr=args.bpr,
+                          case_names=names, bpr=args.bpr,
                           should_stop=lambda: stop["requested"])  # fmt: skip
     finally:
         for sig, handler in previous.items():

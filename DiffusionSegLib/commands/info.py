@@ -24,6 +24,8 @@ def run(args: argparse.Namespace) -> int:
     print(f"extent       {' x '.join(f'{e:g}' for e in info['extent_mm'])} mm")
     print(f"origin       ({', '.join(f'{o:g}' for o in info['origin_mm'])}) mm")
     print(f"orientation  {info.get('orientation', '?')} (direction {info['direction']})")
+    if info["nonfinite_voxels"]:
+        print(f"non-finite   {info['nonfinite_voxels']} NaN or infinite voxels (statistics below are of the others)")
     if "intensity" in info:
         i = info["intensity"]
         print(f"intensity    min {i['min']:g}  p1 {i['p1']:g}  median {i['median']:g}  p99 {i['p99']:g}  "

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 
-from DiffusionSegLib.data.volume import check_label_map, read_volume, write_volume
+from DiffusionSegLib.data.volume import write_volume
 from DiffusionSegLib.preprocess import PreprocessConfig, prepare_volume, resample_labels_onto, to_canonical_orientation
 
 log = logging.getLogger(__name__)
@@ -23,12 +23,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from DiffusionSegLib.data.gate import check_output_path, read_ct, read_label_map
+
     config = PreprocessConfig(spacing_mm=tuple(args.spacing), crop_to_body=not args.no_crop)
-    image = read_volume(args.volume)
-    labels = None
+    check_output_path(args.output)
     if args.labels:
-        labels = read_volume(args.labels)
-        check_label_map(labels, image, f"label map {args.labels}")
+        check_output_path(args.labels_output or _with_suffix_tag(args.output, "_labels"), what="label map")
+    image = read_ct(args.volume)
+    labels = read_label_map(args.labels, image) if args.labels else None
     prepared = prepare_volume(image, config)
     path = write_volume(prepared.image, args.output)
     size = " x ".join(map(str, prepared.image.GetSize()))

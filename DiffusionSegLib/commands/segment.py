@@ -28,27 +28,31 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from DiffusionSegLib.data.volume import read_volume
+    from DiffusionSegLib.data.gate import check_output_path, read_ct
+    from DiffusionSegLib.data.volume import WRITE_SUFFIXES
     from DiffusionSegLib.errors import UserInputError
     from DiffusionSegLib.pretrain.export import load_backbone
     from DiffusionSegLib.probe import find_probe_backbone, load_probe, segment, write_segmentation
     from DiffusionSegLib.resources import default_probe_path
 
-    if not args.output.lower().endswith((".seg.nrrd", ".nii.gz", ".nii", ".nrrd", ".mha")):
-        raise UserInputError(f"cannot write '{args.output}': expected .seg.nrrd, .nii.gz, .nii, .nrrd or .mha")
+    check_output_path(args.output, WRITE_SUFFIXES, "segmentation")
+    if args.uncertainty:
+        check_output_path(args.uncertainty, tuple(s for s in WRITE_SUFFIXES if s != ".seg.nrrd"), "uncertainty map")
     if args.overlap is not None and not 0 <= args.overlap < 1:
         raise UserInputError(f"--overlap {args.overlap} is invalid; expected a value in [0, 1)")
     if args.draws is not None and args.draws < 1:
         raise UserInputError(f"--draws {args.draws} is invalid; expected at least 1")
+    image = read_ct(args.volume)
     probe_path = args.probe or default_probe_path()
     backbone = load_backbone(args.backbone or find_probe_backbone(probe_path))
     probe = load_probe(probe_path, backbone)
-    image = read_volume(args.volume)
     result = segment(image, probe, backbone, largest_component=args.largest_component,
                      uncertainty=bool(args.uncertainty), num_noise_draws=args.draws, overlap=args.overlap,
                      device=args.device, bpr=args.bpr)  # fmt: skip
     path = write_segmentation(result, args.output)
     log.info("wrote %s: %s in %.1f s", path, ", ".join(o.name for o in result.organs), result.seconds["total"])
+    if result.field_of_view is not None:
+        log.info("%s", result.field_of_view.describe())
     if args.uncertainty:
         from DiffusionSegLib.data.volume import write_volume
 

@@ -110,11 +110,12 @@ def _remap(label_image, case_legend, probe_labels):
 
 
 def labeled_pairs(args: argparse.Namespace):
-    """The labeled cases and organs of ``--data`` / ``--case``, ``--organs``, ``--labels-legend``: a list of
-    ``(ct path, label map image with the organs' ids)`` and the organ list (shared with ``finetune``)."""
+    """The labeled cases and organs of ``--data`` / ``--case``, ``--organs``, ``--labels-legend``, read through the
+    input gate: ``(cases, organs, names)`` with ``cases`` a list of ``(ct, label map with the organs' ids)``
+    images and ``names`` the CT paths (shared with ``finetune``)."""
     from DiffusionSegLib.data.datasets import find_labeled_cases
+    from DiffusionSegLib.data.gate import read_ct, read_label_map
     from DiffusionSegLib.data.labels import read_legend
-    from DiffusionSegLib.data.volume import read_volume
     from DiffusionSegLib.errors import UserInputError
 
     organs = _parse_organs(args.organs)
@@ -130,11 +131,15 @@ def labeled_pairs(args: argparse.Namespace):
     else:
         pairs = [(ct, labels, legend) for ct, labels in args.case]
     labels = _select(legend, organs)
-    return [(ct, _remap(read_volume(seg), case_legend, labels)) for ct, seg, case_legend in pairs], labels
+    cases = []
+    for ct_path, seg, case_legend in pairs:
+        ct = read_ct(ct_path)
+        cases.append((ct, _remap(read_label_map(seg, ct, case_legend or None), case_legend, labels)))
+    return cases, labels, [str(ct) for ct, _, _ in pairs]
 
 
 def run(args: argparse.Namespace) -> int:
-    from DiffusionSegLib.data.volume import read_volume
+    from DiffusionSegLib.data.gate import check_output_path
     from DiffusionSegLib.errors import UserInputError
     from DiffusionSegLib.pretrain.export import load_backbone
     from DiffusionSegLib.probe import ProbeConfig, fit_probe, save_probe
@@ -148,9 +153,9 @@ def run(args: argparse.Namespace) -> int:
         cfg = ProbeConfig(**options)
     except ValueError as error:
         raise UserInputError(str(error)) from None
-    pairs, labels = labeled_pairs(args)
+    check_output_path(args.output, (".safetensors",), "probe")
     backbone = load_backbone(args.backbone)
-    cases = [(read_volume(ct), seg) for ct, seg in pairs]
+    cases, labels, _ = labeled_pairs(args)
     log.info("training a %s probe for %s on %d case(s)", cfg.head, ", ".join(l.name for l in labels), len(cases))
     start = time.perf_counter()
     probe = fit_probe(cases, labels, backbone, cfg, bpr=args.bpr)

@@ -150,7 +150,7 @@ def evaluate(cases: Sequence[LabeledCase], backbones: Mapping[str, object], cfg:
     """
     import SimpleITK as sitk
 
-    from DiffusionSegLib.data.volume import read_volume
+    from DiffusionSegLib.data.gate import read_ct, read_label_map
     from DiffusionSegLib.evaluate.metrics import organ_metrics, summarise
     from DiffusionSegLib.evaluate.report import row_from_summary
     from DiffusionSegLib.features import FeatureExtractor, resolve_device
@@ -170,7 +170,8 @@ def evaluate(cases: Sequence[LabeledCase], backbones: Mapping[str, object], cfg:
 
     def image_and_label(case_id: str) -> tuple:
         if case_id not in images:
-            images[case_id] = (read_volume(by_id[case_id].image), read_volume(by_id[case_id].label))
+            ct = read_ct(by_id[case_id].image)
+            images[case_id] = (ct, read_label_map(by_id[case_id].label, ct, list(by_id[case_id].labels) or None))
         return images[case_id]
 
     training_cases = sorted({c for split in splits for c in split["train"]})

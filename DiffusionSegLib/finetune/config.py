@@ -47,6 +47,23 @@ class FinetuneConfig:
     """Random intensity scaling of the windowed image, factor in [1 - s, 1 + s]."""
     intensity_shift: float = 0.1
     """Random intensity shift of the windowed image (its range is [0, 1]), in [-s, s]."""
+    enhancement_hu: tuple[float, float] = (20.0, 250.0)
+    """Contrast-phase simulation: each organ in a patch gets a random mean HU in this range (the shared BTCV scans'
+    organ medians span 22-258 HU between unenhanced and arterial phases)."""
+    enhancement_probability: float = 0.5
+    """Chance a patch's organs are re-enhanced (0: off)."""
+    gamma_range: tuple[float, float] = (0.7, 1.5)
+    """Random gamma of the windowed image (MONAI ``RandAdjustContrast``; nnU-Net's range)."""
+    gamma_probability: float = 0.3
+    """Chance of a gamma change."""
+    blur_sigma_vox: tuple[float, float] = (0.5, 1.0)
+    """Gaussian blur sigma range in voxels (a smoother reconstruction kernel)."""
+    blur_probability: float = 0.2
+    """Chance of a blur."""
+    noise_std: float = 0.03
+    """Largest standard deviation of added Gaussian noise, in window units (0.03 = 12 HU for a 400 HU window)."""
+    noise_probability: float = 0.15
+    """Chance of noise."""
     use_coordinates: bool = True
     """Feed the BPR coordinates (for a backbone pretrained with them). Off: the coordinate channels are zero in
     training and the stem's weights for them are zeroed in the written model, so its output does not depend on
@@ -78,6 +95,16 @@ class FinetuneConfig:
         self.spacing_mm = tuple(float(s) for s in self.spacing_mm)  # type: ignore[assignment]
         self.patch_size_vox = tuple(int(s) for s in self.patch_size_vox)  # type: ignore[assignment]
         self.coordinate_jitter_mm = tuple(float(s) for s in self.coordinate_jitter_mm)  # type: ignore[assignment]
+        for name in ("enhancement_hu", "gamma_range", "blur_sigma_vox"):
+            pair = tuple(float(v) for v in getattr(self, name))
+            if len(pair) != 2 or pair[0] > pair[1]:
+                raise ValueError(f"{name} {getattr(self, name)} is invalid; expected (low, high) with low <= high")
+            setattr(self, name, pair)
+        if min(self.gamma_range) <= 0 or min(self.blur_sigma_vox) < 0 or self.noise_std < 0:
+            raise ValueError("gamma_range must be positive; blur_sigma_vox and noise_std must not be negative")
+        for name in ("enhancement_probability", "gamma_probability", "blur_probability", "noise_probability"):
+            if not 0 <= float(getattr(self, name)) <= 1:
+                raise ValueError(f"{name} {getattr(self, name)} must lie in [0, 1]")
         if len(self.coordinate_jitter_mm) != 3 or min(self.coordinate_jitter_mm) < 0:
             raise ValueError(f"coordinate_jitter_mm {self.coordinate_jitter_mm} is invalid; expected three sizes >= 0")
         if len(self.spacing_mm) != 3 or min(self.spacing_mm) <= 0:

@@ -5,10 +5,8 @@ The recipe a segmentation engineer expects (nnU-Net / MONAI style):
 * every CT on the fine-tuning working grid (``FinetuneConfig.spacing_mm``), with the BPR coordinates the
   backbone was pretrained with as extra input channels;
 * class-balanced patches (a class drawn uniformly among those present, then one of its voxels as the centre);
-* spatial augmentation (MONAI ``RandAffine``: rotation and zoom, no flips: kidneys and adrenals are sided) on a
-  patch cut larger than the training patch, so rotated corners hold real anatomy, intensity scale / shift, and a
-  random offset of the patch's BPR coordinates (they are a coarse prior: the same organ's coordinates differ
-  between patients by tens of mm);
+* spatial augmentation (rotation and zoom, no flips), intensity augmentation with a contrast-phase simulation,
+  and a random offset of the BPR coordinates (:mod:`DiffusionSegLib.finetune.augment`);
 * Dice + cross-entropy (``monai.losses.DiceCELoss``), AdamW, linear warm-up then cosine decay to 0 at the last
   step; with a budget in minutes the step count is fixed after timing the first steps (and one validation),
   so the schedule spans the budget;
@@ -39,6 +37,7 @@ from torch import nn
 
 from DiffusionSegLib.data.labels import OrganLabel
 from DiffusionSegLib.errors import UserInputError
+from DiffusionSegLib.finetune.augment import PatchAugment
 from DiffusionSegLib.finetune.config import FinetuneConfig
 
 __all__ = ["SegmentationNetwork", "FinetuneResult", "FinetuneCancelled", "finetune", "finetune_backbone_bundle",
@@ -46,8 +45,11 @@ __all__ = ["SegmentationNetwork", "FinetuneResult", "FinetuneCancelled", "finetu
 
 log = logging.getLogger(__name__)
 
-CALIBRATION_STEPS = 6
-"""Steps timed (after the first) to turn a budget in minutes into a step count."""
+REPLAN_EVERY = 50
+"""Steps between re-fits of a budget's step count to the measured rate (during the first half of the run)."""
+CALIBRATION_STEPS = 20
+"""Steps timed (after the first) to turn a budget in minutes into a step count (their median: robust to a few
+slow steps, e.g. while another process briefly shares the cores)."""
 SNAPSHOT = "last.pt"
 
 
@@ -139,51 +141,16 @@ def backbone_output_path(probe_path: str | os.PathLike) -> Path:
     return path.with_name(f"{stem}.backbone.safetensors")
 
 
+def _steps_in_budget(step: int, elapsed: float, per_step: float, budget_s: float, cfg: FinetuneConfig) -> int:
+    """The schedule's length: the steps done plus those the rest of the budget allows (at most ``cfg.steps``)."""
+    planned = step + max(int((budget_s - elapsed) / max(per_step, 1e-6)), 0)
+    return max(min(planned, cfg.steps) if cfg.steps else planned, step)
+
+
 def _check(cfg: FinetuneConfig, divisor: int) -> None:
     if any(s % divisor for s in cfg.patch_size_vox):
         raise UserInputError(f"patch size {cfg.patch_size_vox} is not a multiple of {divisor} (the backbone's size "
                              "divisor) along every axis")  # fmt: skip
-
-
-class _Augment:
-    """Cut an enlarged class-balanced patch, rotate / zoom it to the training patch, jitter its intensity.
-
-    All randomness comes from the caller's generator, so a resumed run repeats the same patches."""
-
-    def __init__(self, cfg: FinetuneConfig) -> None:
-        from monai.transforms import RandAffine
-
-        self.cfg = cfg
-        grow = 1.0 + (0.35 if (cfg.rotate_deg or cfg.scale) else 0.0)
-        self.cut_size = tuple(int(math.ceil(s * grow)) for s in cfg.patch_size_vox)
-        angle = math.radians(cfg.rotate_deg)
-        self.affine = RandAffine(prob=cfg.augment_probability, rotate_range=(angle, angle, angle),
-                                 scale_range=(cfg.scale,) * 3, spatial_size=cfg.patch_size_vox,
-                                 padding_mode="border", cache_grid=False, lazy=False)  # fmt: skip
-
-    def __call__(self, volume, rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-        from DiffusionSegLib.probe.sampling import cut_patch, sample_patch_origins
-
-        origin = sample_patch_origins(volume.classes, self.cut_size, 1, rng)[0]
-        window, classes = cut_patch(volume, origin, self.cut_size)
-        self.affine.set_random_state(seed=int(rng.integers(2**31)))
-        self.affine.randomize(None)
-        window = torch.as_tensor(self.affine(window[0], randomize=False, mode="bilinear"))
-        classes = torch.as_tensor(self.affine(classes[0].float(), randomize=False, mode="nearest",
-                                              padding_mode="zeros")).round().long()  # fmt: skip
-        factor = 1.0 + rng.uniform(-self.cfg.intensity_scale, self.cfg.intensity_scale)
-        shift = rng.uniform(-self.cfg.intensity_shift, self.cfg.intensity_shift)
-        window = window.float().clone()
-        window[0] = window[0] * float(factor) + float(shift)
-        coords = volume.inputs.num_coords
-        if coords and not self.cfg.use_coordinates:
-            window[1 : 1 + coords] = 0.0
-        elif coords:  # channels 1..3 are (x, y, z) in network units (UNIT_MM)
-            from DiffusionSegLib.bpr import UNIT_MM
-
-            jitter = rng.uniform(-1.0, 1.0, 3) * np.asarray(self.cfg.coordinate_jitter_mm) / UNIT_MM
-            window[1 : 1 + coords] += torch.as_tensor(jitter[:coords], dtype=torch.float32).view(-1, 1, 1, 1)
-        return window, classes
 
 
 def _dice_per_class(prediction: np.ndarray, reference: np.ndarray, num_classes: int) -> list[float]:
@@ -260,6 +227,7 @@ def finetune(cases: Sequence[tuple[sitk.Image, sitk.Image]], labels: Sequence[Or
     from DiffusionSegLib.checkpoint import load_training_state, save_training_state
     from DiffusionSegLib.features import FeatureConfig, resolve_device
     from DiffusionSegLib.features.extractor import _bpr_model
+    from DiffusionSegLib.probe.extent import record_field_of_view
     from DiffusionSegLib.probe.sampling import prepare_labeled_volume
     from DiffusionSegLib.probe.train import _check_labels, build_head
 
@@ -303,7 +271,7 @@ def finetune(cases: Sequence[tuple[sitk.Image, sitk.Image]], labels: Sequence[Or
     network.train()
     optimiser = torch.optim.AdamW(network.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     loss_fn = DiceCELoss(to_onehot_y=True, softmax=True, batch=True)
-    augment = _Augment(cfg)
+    augment = PatchAugment(cfg, trainable.pretrain.data.window_hu, len(labels) + 1)
     rng = np.random.default_rng(cfg.seed)
     step, elapsed, history, losses = 0, 0.0, [], []
     planned = cfg.steps if not cfg.budget_minutes else 0
@@ -326,6 +294,7 @@ def finetune(cases: Sequence[tuple[sitk.Image, sitk.Image]], labels: Sequence[Or
     budget_s = cfg.budget_minutes * 60.0
     bar = tqdm(total=planned or None, initial=step, desc="fine-tune", disable=not progress, leave=False)
     cancelled, step_times = False, []
+    window = (step, elapsed) if planned and budget_s else None  # (step, elapsed) where the rate is measured from
     while planned == 0 or step < planned:
         if stop():
             cancelled = True
@@ -357,11 +326,9 @@ def finetune(cases: Sequence[tuple[sitk.Image, sitk.Image]], labels: Sequence[Or
             score = _validate(network, val_volumes, cfg, device, len(labels) + 1) if val_volumes else float("nan")
             val_seconds = time.perf_counter() - val_start
             elapsed += val_seconds
-            per_step = float(np.mean(step_times[1:])) + (val_seconds / cfg.val_every if val_volumes else 0.0)
-            planned = step + max(int((budget_s - elapsed) / per_step), 0)
-            if cfg.steps:
-                planned = min(planned, cfg.steps)
-            planned = max(planned, step)
+            per_step = float(np.median(step_times[1:])) + (val_seconds / cfg.val_every if val_volumes else 0.0)
+            planned = _steps_in_budget(step, elapsed, per_step, budget_s, cfg)
+            window = (step, elapsed)
             bar.reset(total=planned)
             bar.update(step)
             log.info("fine-tuning: %.2f s per step (validation included) → %d steps in %.1f min", per_step, planned,
@@ -379,6 +346,13 @@ def finetune(cases: Sequence[tuple[sitk.Image, sitk.Image]], labels: Sequence[Or
             bar.set_postfix(loss=f"{record['train_loss']:.3f}", val=f"{score:.3f}")
             if val_volumes and score > best["score"]:
                 best = {"score": score, "step": step, "network": copy.deepcopy(network.state_dict())}
+        if budget_s and planned and window is not None and step % REPLAN_EVERY == 0 and step <= planned // 2:
+            # the early steps' median underestimates the long-run mean (validations, slower patches): re-fit the
+            # schedule to the measured rate while it is still early enough to change smoothly
+            per_step = (elapsed - window[1]) / max(step - window[0], 1)
+            planned = _steps_in_budget(step, elapsed, per_step, budget_s, cfg)
+            bar.reset(total=planned)
+            bar.update(step)
         if step % cfg.checkpoint_every == 0 or last:
             save_snapshot()
         report(0.05 + 0.95 * step / max(planned, 1), f"fine-tuning step {step}/{planned or '?'} "
@@ -402,11 +376,11 @@ def finetune(cases: Sequence[tuple[sitk.Image, sitk.Image]], labels: Sequence[Or
     else:
         best_step = step
     return _write(network, trainable, backbone, labels, cfg, output, history, step, planned, best_step, cancelled,
-                  names, timings)
+                  names, timings, record_field_of_view(cases, labels))
 
 
 def _write(network, trainable, source, labels, cfg, output, history, step, planned, best_step, cancelled, names,
-           timings) -> FinetuneResult:  # fmt: skip
+           timings, field_of_view) -> FinetuneResult:  # fmt: skip
     from DiffusionSegLib.probe import ProbeConfig, TrainedProbe, save_probe
     from DiffusionSegLib.probe.train import backbone_record
     from DiffusionSegLib.pretrain.export import export_backbone, load_backbone
@@ -429,7 +403,7 @@ def _write(network, trainable, source, labels, cfg, output, history, step, plann
     probe = TrainedProbe(network.head.cpu().eval(), probe_cfg, list(labels), backbone_record(bundle),
                          [dict(h) for h in history], best_step,
                          1.0 - max((h["val_dice"] for h in history if h["step"] == best_step), default=float("nan")),
-                         cancelled)  # fmt: skip
+                         cancelled, field_of_view)  # fmt: skip
     save_probe(output, probe, finetune=dict(extra, planned_steps=planned, steps=step))
     log.info("wrote %s and %s (step %d of %d, kept step %d)", output, backbone_path, step, planned, best_step)
     return FinetuneResult(probe, bundle, output, backbone_path, history, step, planned, best_step, cancelled, timings)

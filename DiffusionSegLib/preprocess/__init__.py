@@ -14,6 +14,7 @@ from DiffusionSegLib.preprocess.spatial import (
     resample_labels_onto,
     resample_onto,
     resample_to_spacing,
+    to_axis_aligned,
     to_canonical_orientation,
 )
 
@@ -29,6 +30,7 @@ __all__ = [
     "resample_onto",
     "resample_to_spacing",
     "scale_hu",
+    "to_axis_aligned",
     "to_canonical_orientation",
     "to_input_grid",
 ]

@@ -20,6 +20,7 @@ from DiffusionSegLib.preprocess.spatial import (
     resample_labels_onto,
     resample_onto,
     resample_to_spacing,
+    to_axis_aligned,
     to_canonical_orientation,
 )
 
@@ -65,7 +66,8 @@ class PreparedVolume:
     """A CT on the working grid, with what is needed to go back to the input grid.
 
     Attributes:
-        image: float32 HU image on the working grid (canonical orientation, working spacing, body crop).
+        image: float32 HU image on the working grid (canonical orientation, axis-aligned, working spacing, body
+            crop).
         input_grid: an empty image with the input's size, spacing, origin and direction.
         crop_box: ``(start_xyz, size_xyz)`` of the body box in the canonically oriented input.
         config: the configuration used.
@@ -98,7 +100,7 @@ def prepare_volume(image: sitk.Image, config: PreprocessConfig | None = None) ->
     config = config or PreprocessConfig()
     if config.check_input_is_ct:
         check_ct(image)
-    oriented = to_canonical_orientation(sitk.Cast(image, sitk.sitkFloat32))
+    oriented = to_axis_aligned(to_canonical_orientation(sitk.Cast(image, sitk.sitkFloat32)))
     if config.crop_to_body:
         start, size = body_bounding_box(oriented, config.body_threshold_hu, config.body_margin_mm)
         oriented = crop_to_box(oriented, start, size)

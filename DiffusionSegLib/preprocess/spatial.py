@@ -17,6 +17,7 @@ from DiffusionSegLib.errors import UserInputError
 __all__ = [
     "CANONICAL_ORIENTATION",
     "to_canonical_orientation",
+    "to_axis_aligned",
     "body_bounding_box",
     "crop_to_box",
     "resample_to_spacing",
@@ -41,6 +42,30 @@ def to_canonical_orientation(image: sitk.Image) -> sitk.Image:
     if orientation == CANONICAL_ORIENTATION and np.allclose(image.GetDirection(), np.eye(3).ravel()):
         return image
     return sitk.DICOMOrient(image, CANONICAL_ORIENTATION)
+
+
+def to_axis_aligned(image: sitk.Image, default_value: float = -1024.0) -> sitk.Image:
+    """An oblique image (axes rotated off LPS after reorientation, e.g. by a gantry tilt) resampled onto the
+    axis-aligned grid that covers it at the same spacing; an aligned image is returned as it is.
+
+    Reorientation only permutes and flips axes, so a tilted grid stays tilted: its "axial" slices would cut the
+    body obliquely and every model would see anatomy at an angle it never saw in training. Results go back to
+    the input grid through physical space (:func:`resample_onto`), which is the exact inverse up to
+    interpolation. Voxels outside the original field of view get ``default_value`` (air).
+    """
+    direction = np.asarray(image.GetDirection(), dtype=np.float64).reshape(3, 3)
+    if np.allclose(direction, np.eye(3), atol=1e-6):
+        return image
+    size, spacing = np.asarray(image.GetSize(), float), np.asarray(image.GetSpacing(), float)
+    corners = np.array([[i, j, k] for i in (-0.5, size[0] - 0.5) for j in (-0.5, size[1] - 0.5)
+                        for k in (-0.5, size[2] - 0.5)])  # fmt: skip  # voxel edges, in index units
+    physical = np.asarray(image.GetOrigin()) + (direction @ (corners * spacing).T).T
+    low, high = physical.min(axis=0), physical.max(axis=0)
+    grid = sitk.Image([max(1, int(np.ceil((h - l) / s - 1e-6))) for l, h, s in zip(low, high, spacing)],
+                      sitk.sitkUInt8)  # fmt: skip
+    grid.SetSpacing(tuple(spacing))
+    grid.SetOrigin(tuple(low + 0.5 * spacing))
+    return resample_onto(image, grid, "linear", default_value)
 
 
 def body_bounding_box(

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from DiffusionSegLib.data.volume import read_volume
+from DiffusionSegLib.data.gate import read_ct
 from DiffusionSegLib.errors import UserInputError
 from DiffusionSegLib.preprocess import PreprocessConfig, prepare_volume, scale_hu
 
@@ -68,7 +68,7 @@ def load_training_volumes(
     volumes = []
     for path in tqdm(list(paths), desc="preparing volumes", disable=not progress, unit="vol"):
         try:
-            prepared = prepare_volume(read_volume(path), preprocess)
+            prepared = prepare_volume(read_ct(path), preprocess)
         except UserInputError as error:
             raise UserInputError(f"training volume {path}: {error}") from None
         hu = np.array(prepared.array, dtype=np.float32)  # a writable copy (the view belongs to the image)

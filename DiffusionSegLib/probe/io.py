@@ -41,6 +41,8 @@ def save_probe(path: str | os.PathLike, probe: TrainedProbe, finetune: dict | No
         "num_classes": probe.num_classes,
         "backbone": probe.backbone,
     }
+    if probe.field_of_view:
+        config["field_of_view"] = probe.field_of_view
     if finetune is not None:
         config["finetune"] = finetune
     extra = {"history": probe.history[-50:], "best_step": probe.best_step, "best_val_loss": probe.best_val_loss,
@@ -109,6 +111,9 @@ def load_probe(path: str | os.PathLike, backbone=None) -> TrainedProbe:
         record = dict(config["backbone"])
         head = build_head(cfg.head, record["feature_channels"], int(config["num_classes"]), cfg.hidden_channels)
         head.load_state_dict(state)
+        view = dict(config.get("field_of_view") or {})
+        if view and not all(len(r) == 2 and r[0] <= r[1] for r in view["organ_z_mm"].values()):
+            raise ValueError("its field_of_view ranges are not (low, high) pairs")
     except (KeyError, TypeError, ValueError, RuntimeError) as error:
         raise UserInputError(f"'{path}' does not hold a usable probe: {str(error).splitlines()[0][:200]}") from None
     if backbone is not None:
@@ -116,4 +121,4 @@ def load_probe(path: str | os.PathLike, backbone=None) -> TrainedProbe:
     extra = metadata.get("extra", {})
     return TrainedProbe(head.eval(), cfg, labels, record, list(extra.get("history", [])),
                         int(extra.get("best_step", 0)), float(extra.get("best_val_loss", float("nan"))),
-                        bool(extra.get("cancelled", False)))  # fmt: skip
+                        bool(extra.get("cancelled", False)), view)  # fmt: skip

@@ -23,6 +23,7 @@ import torch
 
 from DiffusionSegLib.data.labels import OrganLabel
 from DiffusionSegLib.errors import UserInputError
+from DiffusionSegLib.probe.extent import FieldOfView, apply_field_of_view
 from DiffusionSegLib.probe.train import TrainedProbe
 
 __all__ = ["SegmentationResult", "SegmentationCancelled", "segment", "segment_with_probes", "write_segmentation",
@@ -51,6 +52,8 @@ class SegmentationResult:
         working_size: (x, y, z) size of the working grid.
         coordinates: with ``segment(..., coordinates=True)``, the BPR coordinate map the backbone was fed, on the
             input grid (3 components, mm-equivalent, as ``predict_body_coordinates`` gives); else None.
+        field_of_view: for a probe that recorded its organs' body coordinates, what the scan covers and which
+            organs lie outside it (those are not segmented and not in ``organs``); else None.
     """
 
     labels: sitk.Image
@@ -60,6 +63,7 @@ class SegmentationResult:
     seconds: dict = field(default_factory=dict)
     working_size: tuple[int, int, int] = (0, 0, 0)
     coordinates: sitk.Image | None = None
+    field_of_view: FieldOfView | None = None
 
 
 def _count_windows(shape, roi, overlap: float) -> int:
@@ -118,6 +122,25 @@ def _coordinates_on_input(inputs, prepared) -> sitk.Image:
 
     working = inputs.tensor[:, 1 : 1 + inputs.num_coords] * UNIT_MM  # network channels are in UNIT_MM units
     return to_input_grid(coordinates_to_image(working, prepared.image), prepared, "linear", 0.0)
+
+
+def _body_axis_maps(image: sitk.Image, probes, report) -> dict:
+    """Per BPR hash, the body-axis coordinate of the input grid for the probes that recorded where their organs
+    lie (computed once per BPR); probes whose BPR is not installed get none (and a log line)."""
+    from DiffusionSegLib.probe.extent import body_axis_for
+
+    maps: dict = {}
+    for probe in probes:
+        record = probe.field_of_view
+        if not record or record.get("bpr_sha256") in maps:
+            continue
+        axis = body_axis_for(record)
+        if axis is None:
+            log.info("field of view not checked: the BPR this probe measured its organs with is not installed")
+            continue
+        report(0.8, "finding the field of view")
+        maps[axis.sha256] = axis.z_map(image)
+    return maps
 
 
 def segment(image: sitk.Image, probe: TrainedProbe, backbone, *, largest_component: bool = False,
@@ -221,6 +244,9 @@ def segment_with_probes(image: sitk.Image, probes: Sequence[TrainedProbe], backb
     logits, votes = (output if disagreement else (output, None))
     del output
     seconds["features"] = time.perf_counter() - clock
+    clock = time.perf_counter()
+    body_z = _body_axis_maps(image, probes, report)
+    seconds["field_of_view"] = time.perf_counter() - clock
     shared = {stage: value / len(probes) for stage, value in seconds.items()}
 
     results = []
@@ -230,7 +256,8 @@ def segment_with_probes(image: sitk.Image, probes: Sequence[TrainedProbe], backb
         first += probe.num_classes
         probe_votes = None if votes is None else votes[0, index].numpy()
         result = _finish(image, prepared, probe, probabilities, probe_votes, uncertainty, largest_component,
-                         lambda f, message: report(0.8 + 0.2 * (index + f) / len(probes), message))  # fmt: skip
+                         lambda f, message: report(0.8 + 0.2 * (index + f) / len(probes), message),
+                         body_z)  # fmt: skip
         result.seconds = shared | result.seconds
         result.seconds["total"] = sum(result.seconds.values())
         result.coordinates = coordinate_image if index == 0 else None
@@ -242,9 +269,9 @@ def segment_with_probes(image: sitk.Image, probes: Sequence[TrainedProbe], backb
 
 
 def _finish(image: sitk.Image, prepared, probe: TrainedProbe, probabilities: np.ndarray, votes: np.ndarray | None,
-            uncertainty: bool, largest_component: bool, report) -> SegmentationResult:  # fmt: skip
-    """Working-grid class probabilities of one probe → its label map (and uncertainty) on the input grid;
-    ``report`` takes fractions of this step."""
+            uncertainty: bool, largest_component: bool, report, body_z: dict) -> SegmentationResult:  # fmt: skip
+    """Working-grid class probabilities of one probe → its label map (and uncertainty) on the input grid, the
+    field of view applied (``body_z``: body-axis maps by BPR hash); ``report`` takes fractions of this step."""
     clock = time.perf_counter()
     report(0.0, "resampling to the input grid")
     best = classes = None
@@ -271,14 +298,21 @@ def _finish(image: sitk.Image, prepared, probe: TrainedProbe, probabilities: np.
     label_array = np.asarray(values, dtype=dtype)[classes]
     seconds = {"to_input_grid": time.perf_counter() - clock}
     clock = time.perf_counter()
+    view = None
+    z = body_z.get(probe.field_of_view.get("bpr_sha256")) if probe.field_of_view else None
+    if z is not None:
+        view = apply_field_of_view(label_array, z, sitk.GetArrayViewFromImage(image), probe.labels,
+                                   probe.field_of_view["organ_z_mm"])  # fmt: skip
+        log.info("%s", view.describe())
     if largest_component:
         report(0.5, "keeping the largest component of each organ")
         keep_largest_components(label_array, values[1:])
     seconds["cleanup"] = time.perf_counter() - clock
     labels = sitk.GetImageFromArray(label_array)
     labels.CopyInformation(image)
-    return SegmentationResult(labels, list(probe.labels), uncertainty_image, kind, seconds,
-                              tuple(prepared.image.GetSize()))  # fmt: skip
+    organs = [o for o in probe.labels if view is None or o.name not in view.outside]
+    return SegmentationResult(labels, organs, uncertainty_image, kind, seconds, tuple(prepared.image.GetSize()),
+                              field_of_view=view)  # fmt: skip
 
 
 def write_segmentation(result: SegmentationResult, path: str | os.PathLike) -> Path:
@@ -292,7 +326,8 @@ def write_segmentation(result: SegmentationResult, path: str | os.PathLike) -> P
 
     path = Path(path)
     if path.name.lower().endswith(".seg.nrrd"):
-        return write_seg_nrrd(result.labels, result.organs, path)
+        view = result.field_of_view.describe() if result.field_of_view is not None else None
+        return write_seg_nrrd(result.labels, result.organs, path, view)
     if not path.name.lower().endswith((".nii.gz", ".nii", ".nrrd", ".mha")):
         raise UserInputError(f"cannot write '{path.name}': expected .nii.gz, .nii, .nrrd, .mha or .seg.nrrd")
     return write_volume(result.labels, path)

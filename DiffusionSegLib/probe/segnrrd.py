@@ -45,13 +45,19 @@ def segment_extent(array: np.ndarray, value: int) -> str:
     return " ".join(map(str, bounds))
 
 
-def write_seg_nrrd(labels: sitk.Image, organs: Sequence[OrganLabel], path: str | os.PathLike) -> Path:
+FIELD_OF_VIEW_KEY = "DiffusionSeg_FieldOfView"
+"""Custom header field: what the scan covers and the organs outside it (one line, as ``segment`` prints it)."""
+
+
+def write_seg_nrrd(labels: sitk.Image, organs: Sequence[OrganLabel], path: str | os.PathLike,
+                   field_of_view: str | None = None) -> Path:  # fmt: skip
     """Write a label map as a Slicer ``.seg.nrrd`` with one named, coloured segment per organ.
 
     Args:
         labels: integer label map (values ``organ.value``; 0 background).
         organs: the segments, in the order Slicer should list them.
         path: destination ending in ``.seg.nrrd``.
+        field_of_view: a description of the scan's coverage, stored as ``DiffusionSeg_FieldOfView``.
 
     Returns:
         The written path.
@@ -86,6 +92,8 @@ def write_seg_nrrd(labels: sitk.Image, organs: Sequence[OrganLabel], path: str |
             f"Segment{i}_Extent": segment_extent(array, organ.value),
             f"Segment{i}_Tags": f"Segmentation.Status:inprogress|TerminologyEntry:{terminology}|",
         }
+    if field_of_view:
+        fields[FIELD_OF_VIEW_KEY] = field_of_view
     for key, value in fields.items():
         image.SetMetaData(key, value)
     return write_volume(image, path)

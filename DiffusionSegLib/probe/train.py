@@ -54,6 +54,9 @@ class TrainedProbe:
         best_step: step of the kept head.
         best_val_loss: its validation loss.
         cancelled: training was stopped by ``should_stop()``; the best head so far was kept.
+        field_of_view: where the organs lay along the body axis in the training CTs
+            (:mod:`~DiffusionSegLib.probe.extent`): ``{"bpr_sha256", "organ_z_mm": {name: [low, high]}}``, or
+            empty (not recorded).
     """
 
     head: nn.Module
@@ -64,6 +67,7 @@ class TrainedProbe:
     best_step: int = 0
     best_val_loss: float = float("nan")
     cancelled: bool = False
+    field_of_view: dict = field(default_factory=dict)
 
     @property
     def num_classes(self) -> int:
@@ -267,6 +271,7 @@ def fit_probe(cases: Sequence[tuple[sitk.Image, sitk.Image]], labels: Sequence[O
         save_probe("liver.safetensors", probe)
     """
     from DiffusionSegLib.features import FeatureExtractor, resolve_device
+    from DiffusionSegLib.probe.extent import record_field_of_view
     from DiffusionSegLib.probe.sampling import prepare_labeled_volume, sample_patch_origins
 
     cfg = cfg or ProbeConfig()
@@ -302,8 +307,10 @@ def fit_probe(cases: Sequence[tuple[sitk.Image, sitk.Image]], labels: Sequence[O
                                                before_patch=before_patch))  # fmt: skip
         done += len(volume_origins)
     del volumes
-    return train_head(patch_sets, labels, backbone, cfg, rng=rng, progress=progress,
-                      progress_callback=lambda f, m: report(0.5 + 0.5 * f, m), should_stop=stop)  # fmt: skip
+    probe = train_head(patch_sets, labels, backbone, cfg, rng=rng, progress=progress,
+                       progress_callback=lambda f, m: report(0.5 + 0.5 * f, m), should_stop=stop)  # fmt: skip
+    probe.field_of_view = record_field_of_view(cases, labels)
+    return probe
 
 
 def train_head(patch_sets: Sequence[PatchFeatures], labels: Sequence[OrganLabel], backbone, cfg: ProbeConfig, *,

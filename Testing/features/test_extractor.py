@@ -26,11 +26,6 @@ from DiffusionSegLib.preprocess import prepare_volume
 
 
 @pytest.fixture(scope="module")
-def backbone(tmp_path_factory):
-    return make_backbone(tmp_path_factory.mktemp("bb") / "backbone.safetensors")
-
-
-@pytest.fixture(scope="module")
 def prepared(backbone):
     ct = read_volume(data_path("labeled/ircadb1.01_ct.nii.gz"))[:, :, 50:90]  # 40 slices: fast
     return prepare_volume(ct, backbone.pretrain.preprocess)

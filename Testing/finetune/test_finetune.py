@@ -3,12 +3,10 @@ continues from the saved step, and the written model segments through the ordina
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
-from features.tiny_backbone import make_backbone
-from helpers import data_path, dice, read_labeled_case
+from helpers import data_path, dice
 
 from DiffusionSegLib.cli import main
 from DiffusionSegLib.data.labels import organ_label
@@ -32,16 +30,6 @@ class StepCounter:
     def __call__(self, fraction: float, message: str) -> None:
         if message.startswith("fine-tuning step"):
             self.done += 1
-
-
-@pytest.fixture(scope="module")
-def case():
-    return read_labeled_case("ircadb1.01")
-
-
-@pytest.fixture(scope="module")
-def backbone(tmp_path_factory):
-    return make_backbone(tmp_path_factory.mktemp("bb") / "backbone.safetensors")
 
 
 def liver_dice(model, case) -> float:

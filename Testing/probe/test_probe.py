@@ -8,10 +8,9 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 from features.tiny_backbone import make_backbone
-from helpers import data_path, dice, read_labeled_case
+from helpers import dice
 
 from DiffusionSegLib.data.labels import organ_label
-from DiffusionSegLib.data.volume import read_volume
 from DiffusionSegLib.errors import UserInputError
 from DiffusionSegLib.probe import (
     ProbeConfig,
@@ -28,16 +27,6 @@ from DiffusionSegLib.probe import (
 LIVER = organ_label(6, "liver")
 FAST = {"head": "linear", "lr": 3e-2, "steps": 150, "patch_size_vox": (16, 32, 32), "patches_per_volume": 16,
         "val_every": 25}  # fmt: skip
-
-
-@pytest.fixture(scope="module")
-def case():
-    return read_labeled_case("ircadb1.01")
-
-
-@pytest.fixture(scope="module")
-def backbone(tmp_path_factory):
-    return make_backbone(tmp_path_factory.mktemp("bb") / "backbone.safetensors")
 
 
 @pytest.fixture(scope="module")

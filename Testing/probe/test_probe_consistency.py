@@ -12,7 +12,6 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
-from features.tiny_backbone import make_backbone
 from helpers import data_path, dice
 
 import DiffusionSegLib.features as features
@@ -24,11 +23,6 @@ from DiffusionSegLib.probe.sampling import cut_patch, prepare_labeled_volume
 BONE = organ_label(1, "bone")
 LIVER = organ_label(6, "liver")
 PATCH = (16, 32, 32)
-
-
-@pytest.fixture(scope="module")
-def backbone(tmp_path_factory):
-    return make_backbone(tmp_path_factory.mktemp("bb") / "backbone.safetensors")
 
 
 @pytest.fixture(scope="module")

@@ -34,30 +34,45 @@ def _device(job: dict) -> str:
     return {"gpu": "cuda", "cuda": "cuda", "cpu": "cpu", "auto": "auto"}.get(str(device).lower(), "cpu")
 
 
+def _read_cases(pairs, labels) -> list:
+    """(CT, label map) images of the job's file pairs, through the input gate."""
+    from DiffusionSegLib.data.gate import read_ct, read_label_map
+
+    cases = []
+    for index, (ct_path, label_path) in enumerate(pairs, start=1):
+        ct = read_ct(ct_path, f"training volume {index}")
+        cases.append((ct, read_label_map(label_path, ct, labels, f"segmentation of training volume {index}")))
+    return cases
+
+
 def _segment(job: dict, report: ProgressCallback, should_stop: Callable[[], bool]) -> dict:
     from DiffusionSegLib.data.labels import labels_to_json
-    from DiffusionSegLib.data.volume import read_volume, write_volume
+    from DiffusionSegLib.data.gate import read_ct
+    from DiffusionSegLib.data.volume import write_volume
     from DiffusionSegLib.pretrain.export import load_backbone
     from DiffusionSegLib.probe import load_probe, segment
 
+    image = read_ct(job["image"], "the input volume")
     report(0.0, "loading the backbone and the probe")
     backbone = load_backbone(job["backbone"])
     probe = load_probe(job["probe"], backbone)
-    image = read_volume(job["image"])
     result = segment(image, probe, backbone, device=_device(job), largest_component=bool(job.get("largest_component")),
                      progress_callback=report, should_stop=should_stop)  # fmt: skip
     write_volume(result.labels, job["output_labels"])
     Path(job["output_legend"]).write_text(json.dumps(labels_to_json(result.organs)))
-    return {"labels": job["output_labels"], "legend": job["output_legend"], "seconds": result.seconds}
+    view = result.field_of_view.describe() if result.field_of_view is not None else None
+    return {"labels": job["output_labels"], "legend": job["output_legend"], "seconds": result.seconds,
+            "field_of_view": view}  # fmt: skip
 
 
 def _coords(job: dict, report: ProgressCallback, should_stop: Callable[[], bool]) -> dict:
     from DiffusionSegLib.bpr import load_bpr, predict_body_coordinates
-    from DiffusionSegLib.data.volume import read_volume, write_volume
+    from DiffusionSegLib.data.gate import read_ct
+    from DiffusionSegLib.data.volume import write_volume
 
+    image = read_ct(job["image"], "the input volume")
     report(0.0, "loading the Body Part Regressor")
     model, _ = load_bpr(job.get("bpr") or None)
-    image = read_volume(job["image"])
     report(0.1, "computing anatomical coordinates")
     coordinates = predict_body_coordinates(image, model, device=_device(job).replace("auto", "cpu"))
     write_volume(coordinates, job["output"])
@@ -66,14 +81,13 @@ def _coords(job: dict, report: ProgressCallback, should_stop: Callable[[], bool]
 
 def _train_probe(job: dict, report: ProgressCallback, should_stop: Callable[[], bool]) -> dict:
     from DiffusionSegLib.data.labels import labels_from_names
-    from DiffusionSegLib.data.volume import read_volume
     from DiffusionSegLib.pretrain.export import load_backbone
     from DiffusionSegLib.probe import ProbeConfig, fit_probe, save_probe
 
     report(0.0, "loading the backbone")
     backbone = load_backbone(job["backbone"])
     labels = labels_from_names({int(value): name for value, name in job["names"].items()})
-    cases = [(read_volume(ct), read_volume(label)) for ct, label in job["cases"]]
+    cases = _read_cases(job["cases"], labels)
     options = {"head": job.get("head", "nonlinear"), "steps": int(job.get("steps", 300)), "device": _device(job)}
     options.update(job.get("probe_options") or {})
     probe = fit_probe(cases, labels, backbone, ProbeConfig(**options), progress=False, progress_callback=report,
@@ -88,14 +102,13 @@ def _finetune(job: dict, report: ProgressCallback, should_stop: Callable[[], boo
     import signal
 
     from DiffusionSegLib.data.labels import labels_from_names
-    from DiffusionSegLib.data.volume import read_volume
     from DiffusionSegLib.finetune import FinetuneConfig, finetune
     from DiffusionSegLib.pretrain.export import load_backbone
 
     report(0.0, "loading the backbone")
     backbone = load_backbone(job["backbone"])
     labels = labels_from_names({int(value): name for value, name in job["names"].items()})
-    cases = [(read_volume(ct), read_volume(label)) for ct, label in job["cases"]]
+    cases = _read_cases(job["cases"], labels)
     options = {"budget_minutes": float(job.get("minutes", 15.0)), "device": _device(job)}
     options.update(job.get("finetune_options") or {})
     stop = {"requested": False}

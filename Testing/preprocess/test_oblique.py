@@ -1,0 +1,80 @@
+"""A CT on a tilted grid (axes rotated 25 degrees about left-right, as a gantry tilt gives; the anatomy unchanged
+in physical space) is worked on axis-aligned: at the same physical points it gets the coordinates of the
+original grid."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+from helpers import data_path
+
+from DiffusionSegLib.data.volume import read_volume
+from DiffusionSegLib.preprocess import PreprocessConfig, prepare_volume, to_axis_aligned
+from DiffusionSegLib.probe import find_probe_backbone, load_probe, segment
+from DiffusionSegLib.pretrain.export import load_backbone
+from DiffusionSegLib.resources import default_probe_path
+
+SMALL_CT = "labeled/totalseg_example_ct_sm_3mm.nii.gz"
+
+
+def tilted(image: sitk.Image, degrees: float = 25.0) -> sitk.Image:
+    """``image`` resampled onto a grid rotated ``degrees`` about the x (left-right) axis that covers it."""
+    angle = math.radians(degrees)
+    rotation = np.array([[1, 0, 0], [0, math.cos(angle), -math.sin(angle)], [0, math.sin(angle), math.cos(angle)]])
+    direction = rotation @ np.asarray(image.GetDirection()).reshape(3, 3)
+    size, spacing = np.asarray(image.GetSize(), float), np.asarray(image.GetSpacing(), float)
+    corners = np.array([[i, j, k] for i in (0, size[0] - 1) for j in (0, size[1] - 1) for k in (0, size[2] - 1)])
+    physical = np.asarray(image.GetOrigin()) + corners * spacing @ np.asarray(image.GetDirection()).reshape(3, 3).T
+    in_new_frame = physical @ direction  # coordinates along the new axes
+    low, high = in_new_frame.min(axis=0), in_new_frame.max(axis=0)
+    grid = sitk.Image([int(np.ceil((h - l) / s)) + 1 for l, h, s in zip(low, high, spacing)], sitk.sitkUInt8)
+    grid.SetSpacing(tuple(spacing))
+    grid.SetDirection(tuple(direction.ravel()))
+    grid.SetOrigin(tuple(direction @ low))
+    return sitk.Resample(image, grid, sitk.Transform(), sitk.sitkLinear, -1024.0, image.GetPixelID())
+
+
+def test_an_oblique_grid_is_worked_on_axis_aligned_and_inverted_exactly():
+    ct = read_volume(data_path(SMALL_CT))
+    oblique = tilted(ct)
+    assert not np.allclose(np.asarray(oblique.GetDirection()).reshape(3, 3), np.eye(3), atol=0.1)
+    aligned = to_axis_aligned(oblique)
+    assert np.allclose(np.asarray(aligned.GetDirection()).reshape(3, 3), np.eye(3))
+    prepared = prepare_volume(oblique, PreprocessConfig(spacing_mm=(3.0, 3.0, 3.0)))
+    assert np.allclose(np.asarray(prepared.image.GetDirection()).reshape(3, 3), np.eye(3))
+    # a voxel of the aligned image holds what the oblique image holds at the same physical point
+    point = oblique.TransformIndexToPhysicalPoint([n // 2 for n in oblique.GetSize()])
+    original = ct.GetPixel(ct.TransformPhysicalPointToIndex(point))
+    assert aligned.GetPixel(aligned.TransformPhysicalPointToIndex(point)) == pytest.approx(original, abs=60)
+
+
+def test_tilted_ct_gets_the_same_coordinates_at_the_same_points():
+    ct = read_volume(data_path(SMALL_CT))
+    oblique = tilted(ct)
+    probe_path = default_probe_path()
+    backbone = load_backbone(find_probe_backbone(probe_path))
+    probe = load_probe(probe_path, backbone)
+    reference = segment(ct, probe, backbone, coordinates=True)
+    result = segment(oblique, probe, backbone, coordinates=True)
+    assert result.labels.GetSize() == oblique.GetSize() and result.labels.GetDirection() == oblique.GetDirection()
+
+    # compare on the original grid, where the tilted grid covers it (away from its border)
+    footprint = sitk.Image(oblique.GetSize(), sitk.sitkUInt8) + 1
+    footprint.CopyInformation(oblique)
+    covered = sitk.Resample(footprint, ct, sitk.Transform(), sitk.sitkNearestNeighbor, 0)
+    inside = sitk.GetArrayFromImage(sitk.BinaryErode(covered, [3, 3, 3])) > 0
+    body = sitk.GetArrayFromImage(ct) > -300
+    labels_back = sitk.GetArrayFromImage(sitk.Resample(result.labels, ct, sitk.Transform(), sitk.sitkNearestNeighbor, 0))
+    coords_back = sitk.GetArrayFromImage(sitk.Resample(result.coordinates, ct, sitk.Transform(), sitk.sitkLinear, 0.0))
+    labels_ref = sitk.GetArrayFromImage(reference.labels)
+    coords_ref = sitk.GetArrayFromImage(reference.coordinates)
+
+    where = inside & body
+    distance = np.linalg.norm(coords_back[where] - coords_ref[where], axis=-1)
+    assert float(np.median(distance)) < 5.0, np.percentile(distance, [50, 90])
+    # organ labels at matched points are not compared here: with the shipped probe they agree poorly even
+    # between near-identical inputs (measured: see the README's "How a CT is prepared")
+    assert np.count_nonzero(labels_back[inside]) > 0 and np.count_nonzero(labels_ref[inside]) > 0

@@ -1,0 +1,88 @@
+"""Field-of-view awareness on real CT with the shipped slice BPR: a probe records where its organs lie along the
+body axis, and an organ that lies outside a scan is removed and reported."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+from helpers import data_path
+
+from DiffusionSegLib.data.labels import organ_label
+from DiffusionSegLib.pretrain.export import load_backbone
+from DiffusionSegLib.probe import ProbeConfig, fit_probe, load_probe, save_probe
+from DiffusionSegLib.resources import default_backbone_path
+
+LIVER, RIGHT_KIDNEY, LEFT_KIDNEY = organ_label(6, "liver"), organ_label(2, "right kidney"), organ_label(3, "left kidney")
+ORGANS = [LIVER, RIGHT_KIDNEY, LEFT_KIDNEY]
+
+
+@pytest.fixture(scope="module")
+def shipped_backbone():
+    return load_backbone(default_backbone_path())
+
+
+@pytest.fixture(scope="module")
+def probe_file(case, shipped_backbone, tmp_path_factory):
+    cfg = ProbeConfig(head="linear", lr=3e-2, steps=30, patch_size_vox=(16, 32, 32), patches_per_volume=6,
+                      val_every=10, device="cpu")  # fmt: skip
+    probe = fit_probe([case], ORGANS, shipped_backbone, cfg, progress=False)
+    return save_probe(tmp_path_factory.mktemp("fov") / "probe.safetensors", probe)
+
+
+def test_probe_records_where_each_organ_lies_along_the_body_axis(probe_file, shipped_backbone):
+    from DiffusionSegLib.bpr import default_bpr_path
+    from DiffusionSegLib.checkpoint import file_sha256
+
+    probe = load_probe(probe_file, shipped_backbone)
+    assert probe.field_of_view["bpr_sha256"] == file_sha256(default_bpr_path())
+    ranges = probe.field_of_view["organ_z_mm"]
+    assert set(ranges) == {o.name for o in ORGANS}
+    (liver_low, liver_high), (kidney_low, kidney_high) = ranges["liver"], ranges["right kidney"]
+    assert liver_low < liver_high and kidney_low < kidney_high
+    assert liver_high > kidney_high + 30  # the liver dome lies well above the kidney's upper pole (z: I -> S)
+
+
+def test_chest_scan_has_no_bladder_in_view_and_keeps_the_liver(tmp_path):
+    """Ranges measured on the abdomen / pelvis example (pseudo-labels: a smoke test of the mechanism, not an
+    accuracy figure), applied to the shared chest CT: the bladder lies far below the chest and is removed and
+    reported; the liver (the chest CT holds its dome) stays."""
+    from DiffusionSegLib.probe.extent import BodyAxis, apply_field_of_view, organ_z_ranges
+
+    bladder = organ_label(21, "urinary bladder")
+    abdomen = sitk.ReadImage(str(data_path("labeled/totalseg_example_ct_3mm.nii.gz")))
+    pseudo = sitk.ReadImage(str(data_path("labeled/totalseg_example_seg117_pseudo_fast.nii.gz")))
+    liver = organ_label(5, "liver")
+    axis = BodyAxis()
+    ranges = organ_z_ranges([(abdomen, pseudo)], [liver, bladder], axis)
+    assert ranges["urinary bladder"][1] < ranges["liver"][0]  # the bladder lies below the liver
+
+    chest = sitk.ReadImage(str(data_path("unlabeled/lidc_idri_0314_chest.nii.gz")))
+    z = axis.z_map(chest)
+    hu = sitk.GetArrayFromImage(chest)
+    predicted = np.zeros(hu.shape, np.uint8)  # a poor model's guess: "bladder" and "liver" in the lower chest
+    predicted[: hu.shape[0] // 3][hu[: hu.shape[0] // 3] > 0] = 5
+    predicted[:5][hu[:5] > 20] = 21
+    view = apply_field_of_view(predicted, z, hu, [liver, bladder], ranges)
+    assert view.outside == ["urinary bladder"] and not (predicted == 21).any()
+    assert (predicted == 5).sum() > 1000
+    assert view.z_range_mm[1] > ranges["liver"][1]  # the chest reaches above the liver
+    assert "not in the field of view: urinary bladder" in view.describe()
+
+
+def test_segment_applies_the_recorded_field_of_view_and_writes_it_to_the_seg_nrrd(case, probe_file,
+                                                                                  shipped_backbone, tmp_path):  # fmt: skip
+    from DiffusionSegLib.probe import read_seg_nrrd, segment, write_segmentation
+    from DiffusionSegLib.probe.segnrrd import FIELD_OF_VIEW_KEY
+
+    probe = load_probe(probe_file, shipped_backbone)
+    result = segment(case[0], probe, shipped_backbone)
+    assert result.field_of_view is not None and result.field_of_view.outside == []  # its own scan: all in view
+    assert [o.name for o in result.organs] == [o.name for o in ORGANS]
+    probe.field_of_view["organ_z_mm"]["right kidney"] = [-2000.0, -1900.0]  # an organ far below any scan
+    result = segment(case[0], probe, shipped_backbone)
+    assert result.field_of_view.outside == ["right kidney"] and "right kidney" not in [o.name for o in result.organs]
+    assert not (sitk.GetArrayViewFromImage(result.labels) == RIGHT_KIDNEY.value).any()
+    image, segments = read_seg_nrrd(write_segmentation(result, tmp_path / "x.seg.nrrd"))
+    assert "right kidney" not in [s["name"] for s in segments]
+    assert "not in the field of view: right kidney" in image.GetMetaData(FIELD_OF_VIEW_KEY)
