@@ -26,10 +26,11 @@ class FinetuneConfig:
     batch_size: int = 2
     """Patches per step."""
     budget_minutes: float = 15.0
-    """Wall-clock budget of the training steps (0: use ``steps``). The step count is fixed after timing the
-    first steps, so the learning-rate schedule spans the budget and a resumed run follows the same schedule."""
+    """Wall-clock budget of training and validation (0: use ``steps``). The cosine learning-rate schedule follows
+    the share of the budget spent, so it spans the budget whatever the machine's rate; a resumed run continues
+    from the saved time."""
     steps: int = 0
-    """Optimiser steps when ``budget_minutes`` is 0 (or a cap on the steps the budget allows; 0: no cap)."""
+    """Optimiser steps when ``budget_minutes`` is 0 (or a cap on the steps within the budget; 0: no cap)."""
     lr: float = 1e-3
     """Peak AdamW learning rate (after warm-up), decayed by a cosine to 0 at the last step."""
     warmup_steps: int = 20

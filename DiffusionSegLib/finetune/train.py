@@ -8,8 +8,8 @@ The recipe a segmentation engineer expects (nnU-Net / MONAI style):
 * spatial augmentation (rotation and zoom, no flips), intensity augmentation with a contrast-phase simulation,
   and a random offset of the BPR coordinates (:mod:`DiffusionSegLib.finetune.augment`);
 * Dice + cross-entropy (``monai.losses.DiceCELoss``), AdamW, linear warm-up then cosine decay to 0 at the last
-  step; with a budget in minutes the step count is fixed after timing the first steps (and one validation),
-  so the schedule spans the budget;
+  step, or with a budget in minutes at the end of the budget (the cosine follows the share of the budget
+  spent, validations included; training stops when it is spent);
 * the checkpoint with the best mean Dice on held-out volumes (whole-volume sliding windows) is kept;
 * a resumable snapshot (``last.pt``) every ``checkpoint_every`` steps and on cancel; running again resumes at
   the saved step with the same RNG state, so the resumed run equals the uninterrupted one.
@@ -45,11 +45,6 @@ __all__ = ["SegmentationNetwork", "FinetuneResult", "FinetuneCancelled", "finetu
 
 log = logging.getLogger(__name__)
 
-REPLAN_EVERY = 50
-"""Steps between re-fits of a budget's step count to the measured rate (during the first half of the run)."""
-CALIBRATION_STEPS = 20
-"""Steps timed (after the first) to turn a budget in minutes into a step count (their median: robust to a few
-slow steps, e.g. while another process briefly shares the cores)."""
 SNAPSHOT = "last.pt"
 
 
@@ -106,11 +101,15 @@ class FinetuneResult:
     seconds: dict = field(default_factory=dict)
 
 
-def learning_rate_at(step: int, planned: int, cfg: FinetuneConfig) -> float:
-    """Linear warm-up to ``cfg.lr`` over ``warmup_steps``, then cosine decay to 0 at step ``planned``."""
+def learning_rate_at(step: int, planned: int, cfg: FinetuneConfig, fraction: float | None = None) -> float:
+    """Linear warm-up to ``cfg.lr`` over ``warmup_steps``, then cosine decay to 0 at step ``planned``, or, with a
+    budget in minutes, at the end of the budget (``fraction``: the share of it spent), so the schedule spans the
+    budget whatever the rate of the machine (measured: a step count fitted to the first steps' rate left up to a
+    third of the budget unused when the rate changed)."""
     warm = min(1.0, step / cfg.warmup_steps) if cfg.warmup_steps else 1.0
-    fraction = min(max(step - cfg.warmup_steps, 0) / max(planned - cfg.warmup_steps, 1), 1.0)
-    return cfg.lr * warm * 0.5 * (1.0 + math.cos(math.pi * fraction))
+    if fraction is None:
+        fraction = max(step - cfg.warmup_steps, 0) / max(planned - cfg.warmup_steps, 1)
+    return cfg.lr * warm * 0.5 * (1.0 + math.cos(math.pi * min(max(fraction, 0.0), 1.0)))
 
 
 def finetune_backbone_bundle(bundle, cfg: FinetuneConfig):
@@ -139,12 +138,6 @@ def backbone_output_path(probe_path: str | os.PathLike) -> Path:
     path = Path(probe_path)
     stem = path.name[: -len(".safetensors")] if path.name.endswith(".safetensors") else path.name
     return path.with_name(f"{stem}.backbone.safetensors")
-
-
-def _steps_in_budget(step: int, elapsed: float, per_step: float, budget_s: float, cfg: FinetuneConfig) -> int:
-    """The schedule's length: the steps done plus those the rest of the budget allows (at most ``cfg.steps``)."""
-    planned = step + max(int((budget_s - elapsed) / max(per_step, 1e-6)), 0)
-    return max(min(planned, cfg.steps) if cfg.steps else planned, step)
 
 
 def _check(cfg: FinetuneConfig, divisor: int) -> None:
@@ -293,22 +286,20 @@ def finetune(cases: Sequence[tuple[sitk.Image, sitk.Image]], labels: Sequence[Or
 
     budget_s = cfg.budget_minutes * 60.0
     bar = tqdm(total=planned or None, initial=step, desc="fine-tune", disable=not progress, leave=False)
-    cancelled, step_times = False, []
-    window = (step, elapsed) if planned and budget_s else None  # (step, elapsed) where the rate is measured from
-    while planned == 0 or step < planned:
+    cancelled, start = False, (step, elapsed)  # where this process's rate is measured from
+
+    def finished() -> bool:
+        if budget_s:
+            return elapsed >= budget_s or bool(cfg.steps and step >= cfg.steps)
+        return step >= planned
+
+    while not finished():
         if stop():
             cancelled = True
             break
-        if budget_s and elapsed > budget_s * 1.02:  # the schedule was planned to end inside the budget
-            log.info("fine-tuning: budget of %.1f min spent at step %d of %d", cfg.budget_minutes, step, planned)
-            break
         started = time.perf_counter()
-        if planned:
-            for group in optimiser.param_groups:
-                group["lr"] = learning_rate_at(step + 1, planned, cfg)
-        else:
-            for group in optimiser.param_groups:  # calibration steps: warm-up as if the run were long
-                group["lr"] = cfg.lr * min(1.0, (step + 1) / cfg.warmup_steps) if cfg.warmup_steps else cfg.lr
+        for group in optimiser.param_groups:
+            group["lr"] = learning_rate_at(step + 1, planned, cfg, elapsed / budget_s if budget_s else None)
         batch = [augment(train_volumes[int(rng.integers(len(train_volumes)))], rng) for _ in range(cfg.batch_size)]
         windows = torch.stack([b[0] for b in batch]).to(device)
         targets = torch.stack([b[1] for b in batch]).to(device)
@@ -318,24 +309,8 @@ def finetune(cases: Sequence[tuple[sitk.Image, sitk.Image]], labels: Sequence[Or
         optimiser.step()
         step += 1
         losses.append(float(loss.detach()))
-        seconds = time.perf_counter() - started
-        elapsed += seconds
-        step_times.append(seconds)
-        if not planned and step == CALIBRATION_STEPS + 1:
-            val_start = time.perf_counter()
-            score = _validate(network, val_volumes, cfg, device, len(labels) + 1) if val_volumes else float("nan")
-            val_seconds = time.perf_counter() - val_start
-            elapsed += val_seconds
-            per_step = float(np.median(step_times[1:])) + (val_seconds / cfg.val_every if val_volumes else 0.0)
-            planned = _steps_in_budget(step, elapsed, per_step, budget_s, cfg)
-            window = (step, elapsed)
-            bar.reset(total=planned)
-            bar.update(step)
-            log.info("fine-tuning: %.2f s per step (validation included) → %d steps in %.1f min", per_step, planned,
-                     cfg.budget_minutes)  # fmt: skip
-        else:
-            bar.update(1)
-        last = planned and step >= planned
+        elapsed += time.perf_counter() - started
+        last = finished()
         if step % cfg.val_every == 0 or last:
             val_start = time.perf_counter()
             score = _validate(network, val_volumes, cfg, device, len(labels) + 1) if val_volumes else float("nan")
@@ -346,17 +321,16 @@ def finetune(cases: Sequence[tuple[sitk.Image, sitk.Image]], labels: Sequence[Or
             bar.set_postfix(loss=f"{record['train_loss']:.3f}", val=f"{score:.3f}")
             if val_volumes and score > best["score"]:
                 best = {"score": score, "step": step, "network": copy.deepcopy(network.state_dict())}
-        if budget_s and planned and window is not None and step % REPLAN_EVERY == 0 and step <= planned // 2:
-            # the early steps' median underestimates the long-run mean (validations, slower patches): re-fit the
-            # schedule to the measured rate while it is still early enough to change smoothly
-            per_step = (elapsed - window[1]) / max(step - window[0], 1)
-            planned = _steps_in_budget(step, elapsed, per_step, budget_s, cfg)
-            bar.reset(total=planned)
-            bar.update(step)
+        if budget_s:  # the step count the budget will allow at this process's rate (for progress only)
+            rate = (elapsed - start[1]) / max(step - start[0], 1)
+            estimate = step if last else step + max(int((budget_s - elapsed) / max(rate, 1e-6)), 1)
+            planned = min(estimate, cfg.steps) if cfg.steps else estimate
+            bar.total = planned
+        bar.update(1)
         if step % cfg.checkpoint_every == 0 or last:
             save_snapshot()
-        report(0.05 + 0.95 * step / max(planned, 1), f"fine-tuning step {step}/{planned or '?'} "
-               f"(loss {losses[-1]:.3f})")  # fmt: skip
+        report(0.05 + 0.95 * (elapsed / budget_s if budget_s else step / max(planned, 1)),
+               f"fine-tuning step {step}/{planned or '?'} (loss {losses[-1]:.3f})")  # fmt: skip
     bar.close()
     if step == 0:
         raise FinetuneCancelled("fine-tuning cancelled before the first step")

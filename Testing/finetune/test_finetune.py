@@ -102,11 +102,16 @@ def test_resume_continues_from_the_saved_step_and_equals_an_uninterrupted_run(ca
                  run_dir=tmp_path / "b", progress=False)  # fmt: skip
 
 
-def test_schedule_warms_up_then_decays_to_zero_at_the_planned_step():
+def test_schedule_warms_up_then_decays_to_zero_at_the_planned_step_or_the_end_of_the_budget():
     cfg = FinetuneConfig(lr=1e-3, warmup_steps=10, budget_minutes=0, steps=100)
     rates = [learning_rate_at(s, 100, cfg) for s in range(0, 101)]
     assert rates[0] == 0 and rates[10] == pytest.approx(1e-3) and rates[100] == pytest.approx(0, abs=1e-12)
     assert all(a <= b for a, b in zip(rates[:10], rates[1:11])) and all(a >= b for a, b in zip(rates[10:], rates[11:]))
+    # with a budget the cosine follows the share of the budget spent, whatever the step count
+    budget = FinetuneConfig(lr=1e-3, warmup_steps=10, budget_minutes=5)
+    assert learning_rate_at(500, 0, budget, 0.5) == pytest.approx(0.5e-3)
+    assert learning_rate_at(3, 0, budget, 0.0) == pytest.approx(0.3e-3)  # still warming up
+    assert learning_rate_at(9000, 0, budget, 1.0) == pytest.approx(0, abs=1e-12)
 
 
 def test_finetune_command_writes_a_model_that_segment_uses(case, backbone, tmp_path):
