@@ -103,19 +103,17 @@ _AXES: dict[str, BodyAxis] = {}
 
 
 def body_axis_for(record: dict) -> BodyAxis | None:
-    """The BPR a probe's field-of-view record was measured with (the shipped one, by hash), or None."""
+    """The BPR a probe's field-of-view record was measured with (the shipped one, by hash), or None.
+    Loaded and hashed once per process."""
     from DiffusionSegLib.bpr import default_bpr_path
-    from DiffusionSegLib.checkpoint import file_sha256
 
     path = default_bpr_path()
     if not record or not path.is_file():
         return None
-    key = str(path)
-    if key not in _AXES:
-        if file_sha256(path) != record.get("bpr_sha256"):
-            return None
-        _AXES[key] = BodyAxis(path)
-    return _AXES[key] if _AXES[key].sha256 == record.get("bpr_sha256") else None
+    if str(path) not in _AXES:
+        _AXES[str(path)] = BodyAxis(path)
+    axis = _AXES[str(path)]
+    return axis if axis.sha256 == record.get("bpr_sha256") else None
 
 
 def apply_field_of_view(label_array: np.ndarray, z: np.ndarray, hu: np.ndarray, labels,
