@@ -84,6 +84,8 @@ log = logging.getLogger("DiffusionSeg")
 JOB_SCRIPT = MODULE_DIR / "Resources" / "Scripts" / "diffusionseg_job.py"
 FIELD_OF_VIEW_ATTRIBUTE = "DiffusionSeg.FieldOfView"
 """Segmentation node attribute: what the scan covers and which organs lie outside it (empty when unknown)."""
+NOT_FOUND_ATTRIBUTE = "DiffusionSeg.NotFound"
+"""Segmentation node attribute: the model's organs (in view) that the scan showed none of (empty: all found)."""
 REQUIREMENTS_FILE = MODULE_DIR / "Resources" / "requirements.txt"
 PROGRESS_PREFIX, RESULT_PREFIX, ERROR_PREFIX = "DIFFUSIONSEG_PROGRESS", "DIFFUSIONSEG_RESULT", "DIFFUSIONSEG_ERROR"
 IMPORT_NAMES = {"scikit-image": "skimage", "pyyaml": "yaml"}  # pip name -> import name where they differ
@@ -482,9 +484,10 @@ class DiffusionSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if task.kind == "segment":
             self._parameterNode.outputSegmentation = result
             result.CreateClosedSurfaceRepresentation()
-            view = result.GetAttribute(FIELD_OF_VIEW_ATTRIBUTE)
-            if view:
-                self._done(f"segment: done; {view}.")
+            notes = [n for n in (result.GetAttribute(FIELD_OF_VIEW_ATTRIBUTE), result.GetAttribute(NOT_FOUND_ATTRIBUTE))
+                     if n]  # fmt: skip
+            if notes:
+                self._done(f"segment: done; {'; '.join(notes)}.")
                 return
         elif task.kind == "coords":
             self._parameterNode.coordinatesVolume = result
@@ -546,10 +549,14 @@ class DiffusionSegLogic(ScriptedLoadableModuleLogic):
         return [self.probeFolder, resources_dir() / "Models"]
 
     def listProbes(self) -> list[dict]:
-        """Probes of the user folder and the shipped models: ``{"path", "name", "organs", "backbone_sha256"}``."""
+        """Probes of the user folder, then the shipped models with the default first (the selector's initial
+        choice): ``{"path", "name", "organs", "backbone_sha256"}``."""
+        from DiffusionSegLib.resources import DEFAULT_PROBE_NAME
+
         probes = []
         for folder in self.modelFolders():
-            for path in sorted(folder.glob("*.safetensors")) if folder.is_dir() else []:
+            paths = sorted(folder.glob("*.safetensors"), key=lambda p: (p.name != DEFAULT_PROBE_NAME, p.name))
+            for path in paths if folder.is_dir() else []:
                 metadata = readWeightsMetadata(path)
                 if metadata.get("kind") != "probe":
                     continue
@@ -630,6 +637,8 @@ class DiffusionSegLogic(ScriptedLoadableModuleLogic):
                                                    f"{volumeNode.GetName()} segmentation", volumeNode,
                                                    outputSegmentationNode)  # fmt: skip
             node.SetAttribute(FIELD_OF_VIEW_ATTRIBUTE, result.get("field_of_view") or "")
+            missing = result.get("not_found") or []
+            node.SetAttribute(NOT_FOUND_ATTRIBUTE, f"not found in this scan: {', '.join(missing)}" if missing else "")
             return node
 
         return self._newTask("segment", job, finish, device)

@@ -12,6 +12,7 @@ import logging
 import sys
 from collections.abc import Sequence
 
+from DiffusionSegLib.commands.interrupt import terminate_as_interrupt
 from DiffusionSegLib.errors import USER_ERROR_EXIT_CODE, UserInputError
 
 __all__ = ["main", "build_parser", "COMMANDS"]
@@ -56,7 +57,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.argv = list(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s")
     try:
-        return int(args._run(args) or 0)
+        with terminate_as_interrupt():  # SIGTERM ends like Ctrl-C: no partial output file is left behind
+            return int(args._run(args) or 0)
     except UserInputError as error:
         print(f"diffusionseg {args.command}: error: {error}", file=sys.stderr)
         return USER_ERROR_EXIT_CODE

@@ -6,13 +6,13 @@ from pathlib import Path
 
 import pytest
 from features.tiny_backbone import make_backbone
-from helpers import DATA, read_labeled_case
+from helpers import DATA, missing, read_labeled_case
 
 
 @pytest.fixture(scope="session")
 def data_dir() -> Path:
     if not DATA.is_dir():
-        pytest.skip(f"shared CT data not found at {DATA} (set DIFFUSIONSEG_DATA to the data folder)")
+        missing(f"shared CT data not found at {DATA} (set DIFFUSIONSEG_DATA to the data folder)")
     return DATA
 
 

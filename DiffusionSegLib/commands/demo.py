@@ -99,10 +99,9 @@ def run(args: argparse.Namespace) -> int:
     array = sitk.GetArrayViewFromImage(result.labels)
     voxel_ml = float(np.prod(image.GetSpacing())) / 1000.0
     found = [(o.name, float(np.count_nonzero(array == o.value)) * voxel_ml) for o in result.organs]
-    print(f"organs    {', '.join(f'{name} {ml:.0f} ml' for name, ml in found if ml > 0)}")
-    missing = [name for name, ml in found if ml == 0]
-    if missing:
-        print(f"          not found: {', '.join(missing)}")
+    print(f"organs    {', '.join(f'{name} {ml:.0f} ml' for name, ml in found)}")
+    if result.not_found:
+        print(f"          not found: {', '.join(result.not_found)}")
     print(f"wrote     {nifti}: label map on the exact input grid (ids as in the BTCV legend)")
     print(f"wrote     {seg_nrrd}: Slicer segmentation (named, coloured segments with terminology)")
     if coords_path is not None:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import signal
 import time
 
 log = logging.getLogger(__name__)
@@ -47,6 +46,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from DiffusionSegLib.commands.interrupt import stop_requests
     from DiffusionSegLib.commands.train_probe import labeled_pairs
     from DiffusionSegLib.data.gate import check_output_path
     from DiffusionSegLib.errors import UserInputError
@@ -68,22 +68,11 @@ def run(args: argparse.Namespace) -> int:
     check_output_path(args.output, (".safetensors",), "model")
     backbone = load_backbone(args.backbone or default_backbone_path())
     cases, labels, names = labeled_pairs(args)
-    stop = {"requested": False}
-
-    def request_stop(signum, frame) -> None:  # the loop writes the best model so far and a snapshot
-        log.info("stop requested (signal %d): finishing the current step", signum)
-        stop["requested"] = True
-
-    previous = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
+    with stop_requests() as should_stop:  # Ctrl-C / SIGTERM: the loop writes the best model so far and a snapshot
         start = time.perf_counter()
         log.info("fine-tuning (%s init) for %s on %d case(s)", cfg.init, ", ".join(l.name for l in labels), len(cases))
         result = finetune(cases, labels, backbone, args.output, cfg, run_dir=args.run_dir,
-                          case_names=names, bpr=args.bpr,
-                          should_stop=lambda: stop["requested"])  # fmt: skip
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+                          case_names=names, bpr=args.bpr, should_stop=should_stop)  # fmt: skip
     log.info("wrote %s and %s: %d of %d steps, kept step %d%s (%.1f min)", result.probe_path, result.backbone_path,
              result.steps, result.planned_steps, result.best_step, ", stopped early" if result.cancelled else "",
              (time.perf_counter() - start) / 60)  # fmt: skip

@@ -53,6 +53,8 @@ def run(args: argparse.Namespace) -> int:
     log.info("wrote %s: %s in %.1f s", path, ", ".join(o.name for o in result.organs), result.seconds["total"])
     if result.field_of_view is not None:
         log.info("%s", result.field_of_view.describe())
+    if result.not_found:
+        log.info("not found in this scan: %s", ", ".join(result.not_found))
     if args.uncertainty:
         from DiffusionSegLib.data.volume import write_volume
 

@@ -139,10 +139,11 @@ def labeled_pairs(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
+    from DiffusionSegLib.commands.interrupt import stop_requests
     from DiffusionSegLib.data.gate import check_output_path
     from DiffusionSegLib.errors import UserInputError
     from DiffusionSegLib.pretrain.export import load_backbone
-    from DiffusionSegLib.probe import ProbeConfig, fit_probe, save_probe
+    from DiffusionSegLib.probe import ProbeConfig, ProbeTrainingCancelled, fit_probe, save_probe
 
     options = {"head": args.head, "timestep": args.timestep, "noise_seed": args.noise_seed,
                "num_noise_draws": args.draws, "steps": args.steps, "patches_per_volume": args.patches_per_volume,
@@ -158,8 +159,12 @@ def run(args: argparse.Namespace) -> int:
     cases, labels, _ = labeled_pairs(args)
     log.info("training a %s probe for %s on %d case(s)", cfg.head, ", ".join(l.name for l in labels), len(cases))
     start = time.perf_counter()
-    probe = fit_probe(cases, labels, backbone, cfg, bpr=args.bpr)
+    with stop_requests() as should_stop:  # Ctrl-C / SIGTERM: the best head so far is written, marked cancelled
+        try:
+            probe = fit_probe(cases, labels, backbone, cfg, bpr=args.bpr, should_stop=should_stop)
+        except ProbeTrainingCancelled:  # stopped before the first step: there is nothing to write
+            raise KeyboardInterrupt from None
     path = save_probe(args.output, probe)
-    log.info("wrote %s (best validation loss %.4f at step %d, %.0f s)", path, probe.best_val_loss, probe.best_step,
-             time.perf_counter() - start)  # fmt: skip
+    log.info("wrote %s (best validation loss %.4f at step %d%s, %.0f s)", path, probe.best_val_loss, probe.best_step,
+             ", stopped early" if probe.cancelled else "", time.perf_counter() - start)  # fmt: skip
     return 0

@@ -144,10 +144,16 @@ def plot_timestep_ablation(
     return _save_png(figure, path, dpi)
 
 
-def _busiest_index(mask: np.ndarray, axis: int) -> int:
-    """Index along ``axis`` with the most labelled voxels; the middle when nothing is labelled."""
-    counts = mask.sum(axis=tuple(a for a in range(mask.ndim) if a != axis))
-    return int(np.argmax(counts)) if counts.any() else mask.shape[axis] // 2
+def _busiest_index(seg: np.ndarray, values: Sequence[int], axis: int) -> int:
+    """Index along ``axis`` of the slice that shows the most organs (each with at least 1 % of its largest
+    cross-section there), ties broken by labelled voxels; the middle when nothing is labelled. The slice with
+    the most voxels alone is usually all liver."""
+    others = tuple(a for a in range(seg.ndim) if a != axis)
+    areas = np.stack([(seg == v).sum(axis=others) for v in values]) if values else np.zeros((0, seg.shape[axis]))
+    if not areas.any():
+        return seg.shape[axis] // 2
+    shown = (areas >= np.maximum(1, 0.01 * areas.max(axis=1, keepdims=True))) & (areas > 0)
+    return int(np.lexsort((areas.sum(axis=0), shown.sum(axis=0)))[-1])
 
 
 def _check_index(index: int | None, size: int, what: str, default: int) -> int:
@@ -192,8 +198,8 @@ def plot_overlay_preview(
         label_array: integer label map of the same shape; ids not in ``labels`` are not drawn.
         labels: organs to draw (``value`` → ``color``, ``name`` in the legend).
         path: PNG file to write (folders are created).
-        axial_index: z index of the axial slice; default the slice with the most labelled voxels.
-        coronal_index: y index of the coronal slice; default the slice with the most labelled voxels.
+        axial_index: z index of the axial slice; default the slice showing the most organs.
+        coronal_index: y index of the coronal slice; default the slice showing the most organs.
         spacing_mm: voxel spacing in SimpleITK order ``(x, y, z)``; default 1 mm isotropic.
         window_hu: (low, high) grey-scale window in HU; default the soft-tissue window (-160, 240).
         alpha: opacity of the organ colours over the CT, in (0, 1].
@@ -228,9 +234,8 @@ def plot_overlay_preview(
     sx, sy, sz = spacing
 
     values = [label.value for label in labels]
-    organ_mask = np.isin(seg, values)
-    z = _check_index(axial_index, ct.shape[0], "axial_index", _busiest_index(organ_mask, 0))
-    y = _check_index(coronal_index, ct.shape[1], "coronal_index", _busiest_index(organ_mask, 1))
+    z = _check_index(axial_index, ct.shape[0], "axial_index", _busiest_index(seg, values, 0))
+    y = _check_index(coronal_index, ct.shape[1], "coronal_index", _busiest_index(seg, values, 1))
 
     views = [  # (title, CT slice, label slice, pixel aspect height/width, image origin)
         (f"Axial (z = {z})", ct[z], seg[z], sy / sx, "upper"),

@@ -31,6 +31,10 @@ __all__ = ["SegmentationResult", "SegmentationCancelled", "segment", "segment_wi
 
 log = logging.getLogger(__name__)
 
+MIN_ORGAN_ML = 0.5
+"""An organ whose voxels add up to less than this (half a millilitre; the smallest BTCV organs, the adrenal
+glands, hold 2-6 ml) is a speck, not a finding: it is removed and reported as not found."""
+
 
 class SegmentationCancelled(RuntimeError):
     """``should_stop()`` returned True during segmentation."""
@@ -54,6 +58,8 @@ class SegmentationResult:
             input grid (3 components, mm-equivalent, as ``predict_body_coordinates`` gives); else None.
         field_of_view: for a probe that recorded its organs' body coordinates, what the scan covers and which
             organs lie outside it (those are not segmented and not in ``organs``); else None.
+        not_found: the probe's organs (in view) with no voxels, or only specks below :data:`MIN_ORGAN_ML`;
+            they are not in ``organs`` either, so ``organs`` lists exactly the segments that hold voxels.
     """
 
     labels: sitk.Image
@@ -64,6 +70,7 @@ class SegmentationResult:
     working_size: tuple[int, int, int] = (0, 0, 0)
     coordinates: sitk.Image | None = None
     field_of_view: FieldOfView | None = None
+    not_found: list[str] = field(default_factory=list)
 
 
 def _count_windows(shape, roi, overlap: float) -> int:
@@ -307,12 +314,26 @@ def _finish(image: sitk.Image, prepared, probe: TrainedProbe, probabilities: np.
     if largest_component:
         report(0.5, "keeping the largest component of each organ")
         keep_largest_components(label_array, values[1:])
+    counts = remove_specks(label_array, values[1:], float(np.prod(image.GetSpacing())) / 1000.0)
     seconds["cleanup"] = time.perf_counter() - clock
     labels = sitk.GetImageFromArray(label_array)
     labels.CopyInformation(image)
-    organs = [o for o in probe.labels if view is None or o.name not in view.outside]
+    in_view = [o for o in probe.labels if view is None or o.name not in view.outside]
+    organs = [o for o in in_view if counts[o.value]]
+    not_found = [o.name for o in in_view if not counts[o.value]]
     return SegmentationResult(labels, organs, uncertainty_image, kind, seconds, tuple(prepared.image.GetSize()),
-                              field_of_view=view)  # fmt: skip
+                              field_of_view=view, not_found=not_found)  # fmt: skip
+
+
+def remove_specks(labels: np.ndarray, values: list[int], voxel_ml: float) -> np.ndarray:
+    """Clear (in place) every organ whose voxels add up to less than :data:`MIN_ORGAN_ML`; returns the voxel
+    count per label value after the clean-up."""
+    counts = np.bincount(labels.ravel(), minlength=max(values, default=0) + 1)
+    for value in values:
+        if 0 < counts[value] * voxel_ml < MIN_ORGAN_ML:
+            labels[labels == value] = 0
+            counts[value] = 0
+    return counts
 
 
 def write_segmentation(result: SegmentationResult, path: str | os.PathLike) -> Path:

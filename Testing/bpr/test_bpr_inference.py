@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
-from helpers import data_path
+from helpers import data_path, tilted
 
 from DiffusionSegLib.bpr import BodyPartRegressor, BPRConfig, predict_body_coordinates, predict_working_coordinates
 from DiffusionSegLib.bpr import save_bpr
@@ -57,6 +57,27 @@ def test_coordinates_land_exactly_on_any_input_grid(tiny_model):
     assert coords.GetPixelID() == sitk.sitkVectorFloat32
     array = sitk.GetArrayViewFromImage(coords)
     assert np.isfinite(array).all() and np.abs(array).max() > 0
+
+
+def test_a_rotated_grid_gets_the_same_coordinates_at_the_same_physical_points(tiny_model):
+    """A real rotation (25 degrees about left-right, anatomy unchanged), not an axis flip: sampled back at the
+    original grid's points, the rotated CT's coordinates match the original's (a pipeline that took the rotated
+    axes for axial ones would be off by centimetres: the coordinates carry physical position)."""
+    ct = _oblique_anisotropic(read_volume(data_path(SMALL_CT)))
+    rotated = tilted(ct)
+    assert abs(np.asarray(rotated.GetDirection()).reshape(3, 3)[1, 2]) > 0.4  # truly oblique axes
+    reference = predict_body_coordinates(ct, tiny_model, tiny_model.config)
+    result = predict_body_coordinates(rotated, tiny_model, tiny_model.config)
+    assert same_grid(result, rotated)
+    back = sitk.GetArrayFromImage(sitk.Resample(result, ct, sitk.Transform(), sitk.sitkLinear, np.nan))
+    footprint = sitk.Image(rotated.GetSize(), sitk.sitkUInt8) + 1
+    footprint.CopyInformation(rotated)
+    inside = sitk.GetArrayFromImage(sitk.BinaryErode(sitk.Resample(footprint, ct, sitk.Transform(),
+                                                                     sitk.sitkNearestNeighbor, 0), [4, 4, 4])) > 0  # fmt: skip
+    inside &= sitk.GetArrayFromImage(ct) > -300  # in the body
+    distance = np.linalg.norm(back[inside] - sitk.GetArrayFromImage(reference)[inside], axis=-1)
+    spread = np.linalg.norm(sitk.GetArrayFromImage(reference)[inside].std(axis=0))
+    assert float(np.median(distance)) < 5.0 and float(np.median(distance)) < 0.05 * spread, (np.median(distance), spread)
 
 
 def test_coords_command_writes_the_input_grid(tmp_path, tiny_model):

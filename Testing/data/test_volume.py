@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import SimpleITK as sitk
@@ -42,13 +44,19 @@ def test_write_read_keeps_geometry_and_voxels(tmp_path, suffix):
     np.testing.assert_array_equal(sitk.GetArrayViewFromImage(image), sitk.GetArrayViewFromImage(back))
 
 
-def test_write_is_atomic_and_keeps_the_old_file_when_it_fails(tmp_path):
+def test_write_is_atomic_and_keeps_the_old_file_when_it_fails(tmp_path, monkeypatch):
     target = tmp_path / "out.nii.gz"
     write_volume(_oblique_image(), target)
     before = target.read_bytes()
-    with pytest.raises(Exception):
-        write_volume(sitk.Image(), target)  # an empty image cannot be written
-    assert target.read_bytes() == before
+
+    def write_half_then_fail(image, path, *args, **kwargs):  # a full disk or a crash in the middle of the write
+        Path(path).write_bytes(before[: len(before) // 2])
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(sitk, "WriteImage", write_half_then_fail)
+    with pytest.raises(OSError, match="No space"):
+        write_volume(_oblique_image(), target)
+    assert target.read_bytes() == before  # a plain WriteImage onto the target would have left half a file
     assert [p.name for p in tmp_path.iterdir()] == ["out.nii.gz"]
 
 

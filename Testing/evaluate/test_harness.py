@@ -5,8 +5,9 @@ from __future__ import annotations
 import json
 
 import pytest
+import SimpleITK as sitk
 from features.tiny_backbone import make_backbone
-from helpers import data_path
+from helpers import data_path, liver_rule_dice, read_labeled_case
 
 from DiffusionSegLib.cli import main
 from DiffusionSegLib.errors import UserInputError
@@ -59,8 +60,14 @@ def test_evaluate_command_runs_end_to_end_on_manual_labels(both_heads):
     linear, nonlinear = report["rows"]
     assert (linear["method"], linear["probe"], linear["regime"]) == ("random", "linear", "2-fold")
     assert nonlinear["probe"] == "nonlinear"
-    # a liver probe trained on the other patient beats predicting nothing (measured about 0.35)
-    assert linear["dice"]["liver"]["mean"] > 0.15
+    # trained on the other patient, the non-linear probe beats the best one-line HU rule on each test case
+    # (measured 0.519 / 0.519 against 0.496 / 0.493); the linear one on random features finds the liver (0.38)
+    for row in report["per_case"]:
+        ct, labels = read_labeled_case(row["case"])
+        rule = liver_rule_dice(ct, sitk.GetArrayViewFromImage(labels) == 6)
+        if row["probe"] == "nonlinear":
+            assert row["metrics"]["liver"]["dice"] > rule, (row["case"], row["metrics"]["liver"]["dice"], rule)
+    assert linear["dice"]["liver"]["mean"] > 0.3
     assert "liver" in (out / "report.md").read_text()
 
 

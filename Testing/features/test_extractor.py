@@ -105,7 +105,8 @@ def test_auto_batch_size_is_bounded(backbone):
 
 
 def test_bpr_backbone_gets_coordinates(tmp_path, prepared):
-    bpr = pytest.importorskip("DiffusionSegLib.bpr")
+    from DiffusionSegLib import bpr
+
     model = bpr.BodyPartRegressor(bpr.BPRConfig(spacing_mm=(3.0, 3.0, 4.0), patch_size_vox=(32, 64, 64)))
     weights = bpr.save_bpr(tmp_path / "bpr.safetensors", model)
     backbone = make_backbone(tmp_path / "with_bpr.safetensors", use_bpr=True, bpr_path=weights)
@@ -123,7 +124,8 @@ def test_bpr_backbone_gets_coordinates(tmp_path, prepared):
 def test_backbone_finds_its_bpr_by_hash_when_the_default_changes(tmp_path, monkeypatch):
     """A backbone recorded with the default BPR (empty path) keeps it after a new default is shipped: the old
     file is found among the shipped models by its hash."""
-    bpr = pytest.importorskip("DiffusionSegLib.bpr")
+    from DiffusionSegLib import bpr
+
     models = tmp_path / "Resources" / "Models"
     models.mkdir(parents=True)
     monkeypatch.setenv("DIFFUSIONSEG_RESOURCES", str(tmp_path / "Resources"))

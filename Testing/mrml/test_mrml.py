@@ -12,7 +12,7 @@ import sys
 import numpy as np
 import pytest
 import SimpleITK as sitk
-from helpers import REPO, data_path
+from helpers import REPO, data_path, import_or_missing
 
 from DiffusionSegLib.data.labels import BTCV_LABELS, OrganLabel, read_legend
 from DiffusionSegLib.errors import UserInputError
@@ -28,7 +28,7 @@ from DiffusionSegLib.mrml import (
     volume_node_from_image,
 )
 
-slicer = pytest.importorskip("slicer", reason="slicer-core is not installed (pip install slicer-core)")
+slicer = import_or_missing("slicer", "slicer-core is not installed (pip install slicer-core)")
 
 CT = "labeled/totalseg_example_ct_3mm.nii.gz"
 SEG = "labeled/totalseg_example_seg117_pseudo_fast.nii.gz"

@@ -4,12 +4,10 @@ original grid."""
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import pytest
 import SimpleITK as sitk
-from helpers import data_path
+from helpers import data_path, tilted
 
 from DiffusionSegLib.data.volume import read_volume
 from DiffusionSegLib.preprocess import PreprocessConfig, prepare_volume, to_axis_aligned
@@ -18,23 +16,6 @@ from DiffusionSegLib.pretrain.export import load_backbone
 from DiffusionSegLib.resources import default_probe_path
 
 SMALL_CT = "labeled/totalseg_example_ct_sm_3mm.nii.gz"
-
-
-def tilted(image: sitk.Image, degrees: float = 25.0) -> sitk.Image:
-    """``image`` resampled onto a grid rotated ``degrees`` about the x (left-right) axis that covers it."""
-    angle = math.radians(degrees)
-    rotation = np.array([[1, 0, 0], [0, math.cos(angle), -math.sin(angle)], [0, math.sin(angle), math.cos(angle)]])
-    direction = rotation @ np.asarray(image.GetDirection()).reshape(3, 3)
-    size, spacing = np.asarray(image.GetSize(), float), np.asarray(image.GetSpacing(), float)
-    corners = np.array([[i, j, k] for i in (0, size[0] - 1) for j in (0, size[1] - 1) for k in (0, size[2] - 1)])
-    physical = np.asarray(image.GetOrigin()) + corners * spacing @ np.asarray(image.GetDirection()).reshape(3, 3).T
-    in_new_frame = physical @ direction  # coordinates along the new axes
-    low, high = in_new_frame.min(axis=0), in_new_frame.max(axis=0)
-    grid = sitk.Image([int(np.ceil((h - l) / s)) + 1 for l, h, s in zip(low, high, spacing)], sitk.sitkUInt8)
-    grid.SetSpacing(tuple(spacing))
-    grid.SetDirection(tuple(direction.ravel()))
-    grid.SetOrigin(tuple(direction @ low))
-    return sitk.Resample(image, grid, sitk.Transform(), sitk.sitkLinear, -1024.0, image.GetPixelID())
 
 
 def test_an_oblique_grid_is_worked_on_axis_aligned_and_inverted_exactly():
@@ -57,8 +38,8 @@ def test_tilted_ct_gets_the_same_coordinates_at_the_same_points():
     probe_path = default_probe_path()
     backbone = load_backbone(find_probe_backbone(probe_path))
     probe = load_probe(probe_path, backbone)
-    reference = segment(ct, probe, backbone, coordinates=True)
-    result = segment(oblique, probe, backbone, coordinates=True)
+    reference = segment(ct, probe, backbone, largest_component=True, coordinates=True)
+    result = segment(oblique, probe, backbone, largest_component=True, coordinates=True)
     assert result.labels.GetSize() == oblique.GetSize() and result.labels.GetDirection() == oblique.GetDirection()
 
     # compare on the original grid, where the tilted grid covers it (away from its border)
@@ -75,6 +56,11 @@ def test_tilted_ct_gets_the_same_coordinates_at_the_same_points():
     where = inside & body
     distance = np.linalg.norm(coords_back[where] - coords_ref[where], axis=-1)
     assert float(np.median(distance)) < 5.0, np.percentile(distance, [50, 90])
-    # organ labels at matched points are not compared here: with the shipped probe they agree poorly even
-    # between near-identical inputs (measured: see the README's "How a CT is prepared")
-    assert np.count_nonzero(labels_back[inside]) > 0 and np.count_nonzero(labels_ref[inside]) > 0
+    # organ labels at matched points (shipped default model; measured 0.946 liver, 0.946 spleen, 0.875 of the
+    # labelled voxels agreeing; the README's "Command line" section lists every organ)
+    foreground = inside & ((labels_ref > 0) | (labels_back > 0))
+    assert float(np.mean(labels_back[foreground] == labels_ref[foreground])) > 0.85
+    for organ in ("liver", "spleen"):
+        value = next(o.value for o in probe.labels if o.name == organ)
+        a, b = (labels_ref == value) & inside, (labels_back == value) & inside
+        assert 2 * np.count_nonzero(a & b) / (np.count_nonzero(a) + np.count_nonzero(b)) > 0.92, organ

@@ -3,12 +3,14 @@ body axis, and an organ that lies outside a scan is removed and reported."""
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import pytest
 import SimpleITK as sitk
 from helpers import data_path
 
-from DiffusionSegLib.data.labels import organ_label
+from DiffusionSegLib.data.labels import BTCV_LABELS, organ_label
 from DiffusionSegLib.pretrain.export import load_backbone
 from DiffusionSegLib.probe import ProbeConfig, fit_probe, load_probe, save_probe
 from DiffusionSegLib.resources import default_backbone_path
@@ -78,7 +80,7 @@ def test_segment_applies_the_recorded_field_of_view_and_writes_it_to_the_seg_nrr
     probe = load_probe(probe_file, shipped_backbone)
     result = segment(case[0], probe, shipped_backbone)
     assert result.field_of_view is not None and result.field_of_view.outside == []  # its own scan: all in view
-    assert [o.name for o in result.organs] == [o.name for o in ORGANS]
+    assert sorted([o.name for o in result.organs] + result.not_found) == sorted(o.name for o in ORGANS)
     probe.field_of_view["organ_z_mm"]["right kidney"] = [-2000.0, -1900.0]  # an organ far below any scan
     result = segment(case[0], probe, shipped_backbone)
     assert result.field_of_view.outside == ["right kidney"] and "right kidney" not in [o.name for o in result.organs]
@@ -86,3 +88,26 @@ def test_segment_applies_the_recorded_field_of_view_and_writes_it_to_the_seg_nrr
     image, segments = read_seg_nrrd(write_segmentation(result, tmp_path / "x.seg.nrrd"))
     assert "right kidney" not in [s["name"] for s in segments]
     assert "not in the field of view: right kidney" in image.GetMetaData(FIELD_OF_VIEW_KEY)
+
+
+def test_the_chest_ct_gets_no_abdominal_organs_below_its_lower_edge(tmp_path, caplog):
+    """The shared chest CT (no abdomen below the liver dome) through ``diffusionseg segment`` with the shipped
+    default: no kidney, adrenal or pancreas is written, the command says so, and the liver stays in the lower
+    part of the scan (the old frozen probe painted a 1.36 L "liver" over the heart)."""
+    from DiffusionSegLib.cli import main
+
+    out = tmp_path / "chest.nii.gz"
+    caplog.set_level(logging.INFO)
+    assert main(["segment", str(data_path("unlabeled/lidc_idri_0314_chest.nii.gz")), "-o", str(out),
+                 "--largest-component"]) == 0  # fmt: skip
+    said = caplog.messages
+    written = next(line for line in said if line.startswith("wrote ")).split(": ", 1)[1].rsplit(" in ", 1)[0]
+    reported = " ".join(line for line in said if "not found in this scan" in line or "not in the field of view" in line)
+    array = sitk.GetArrayFromImage(sitk.ReadImage(str(out)))
+    for organ in ("right kidney", "left kidney", "right adrenal gland", "left adrenal gland", "pancreas"):
+        value = next(o.value for o in BTCV_LABELS if o.name == organ)
+        assert not (array == value).any(), organ
+        assert organ not in written and organ in reported, (organ, written, reported)
+    liver = np.nonzero((array == LIVER.value).any(axis=(1, 2)))[0]  # z slices holding liver (I -> S)
+    assert liver.size and liver.max() < array.shape[0] // 2, (liver.min(), liver.max(), array.shape[0])
+

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
-from helpers import data_path, dice
+from helpers import data_path, dice, liver_rule_dice
 
 import DiffusionSegLib.features as features
 from DiffusionSegLib.data.labels import organ_label
@@ -77,6 +77,5 @@ def test_nonlinear_probe_segments_the_liver(backbone):
     result = segment(ct, probe, backbone)
     predicted = sitk.GetArrayViewFromImage(result.labels) == LIVER.value
     reference = sitk.GetArrayViewFromImage(labels) == LIVER.value
-    chance = dice(np.ones_like(reference), reference)
-    score = dice(predicted, reference)
-    assert score > max(0.3, 2 * chance), (score, chance)
+    score, rule = dice(predicted, reference), liver_rule_dice(ct, reference)
+    assert score > rule + 0.15, (score, rule)  # measured 0.73 against the HU rule's 0.50

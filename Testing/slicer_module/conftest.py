@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import REPO, data_path
+from helpers import REPO, data_path, import_or_missing
 
 MODULE_FILE = REPO / "DiffusionSeg" / "DiffusionSeg.py"
 CT_NAME = "labeled/totalseg_example_ct_sm_3mm.nii.gz"
@@ -24,7 +24,7 @@ TINY_PROBE_OPTIONS = {"patch_size_vox": [16, 32, 32], "patches_per_volume": 4, "
 @pytest.fixture(scope="session")
 def ds():
     """DiffusionSeg/DiffusionSeg.py as a module (Logic usable; no Qt here)."""
-    pytest.importorskip("slicer", reason="slicer-core (the MRML scene without Qt) is not installed")
+    import_or_missing("slicer", "slicer-core (the MRML scene without Qt) is not installed")
     spec = importlib.util.spec_from_file_location("DiffusionSeg", MODULE_FILE)
     module = importlib.util.module_from_spec(spec)
     sys.modules["DiffusionSeg"] = module

@@ -63,18 +63,57 @@ def test_segment_gives_named_coloured_segments_on_input_geometry(scene, logic_on
     assert abs(matrix.GetElement(0, 3) + ct.GetOrigin()[0]) < 1e-4  # RAS = -LPS on x
 
 
+def test_shipped_default_gives_many_named_coloured_organs_and_is_listed_first(ds, scene, tmp_path, make_case):
+    """The default the selector starts on (first shipped entry) segments the real CT into several organs, each
+    with its BTCV name, colour and terminology code (a one-organ probe would not show a mix-up of ids)."""
+    from pathlib import Path
+
+    import SimpleITK as sitk
+
+    from DiffusionSegLib.data.labels import BTCV_LABELS
+    from DiffusionSegLib.mrml import labelmap_from_segmentation_node
+    from DiffusionSegLib.resources import default_probe_path, resources_dir
+
+    logic = ds.DiffusionSegLogic(scene, probeFolder=tmp_path)
+    shipped = [p for p in logic.listProbes() if Path(p["path"]).parent == resources_dir() / "Models"]
+    assert shipped[0]["path"] == str(default_probe_path())
+    _, volume_node, _ = make_case(scene, name="patient")
+    result = logic.segment(volume_node, shipped[0]["path"])
+    segments = _segments(result)
+    by_name = {o.name: o for o in BTCV_LABELS}
+    assert {"liver", "spleen", "right kidney", "left kidney", "aorta"} <= set(segments), sorted(segments)
+    labels, legend = labelmap_from_segmentation_node(result, volume_node)
+    for name, segment in segments.items():
+        assert np.allclose(segment.GetColor(), by_name[name].color, atol=1e-6), name
+        assert by_name[name].terminology and "SCT^" in segment.GetTerminology()
+    assert {name: by_name[name].value for name in segments} == {name: value for value, name in legend.items()}
+    present = {int(v) for v in np.unique(sitk.GetArrayViewFromImage(labels))} - {0}
+    assert present == set(legend)  # every segment holds voxels, under its BTCV id
+
+
+def _content(node, volume_node) -> tuple[list[str], bytes]:
+    """A segmentation node's segment names and label-map bytes on the volume's grid."""
+    import SimpleITK as sitk
+
+    from DiffusionSegLib.mrml import labelmap_from_segmentation_node
+
+    labels, _ = labelmap_from_segmentation_node(node, volume_node)
+    return list(_segments(node)), sitk.GetArrayFromImage(labels).tobytes()
+
+
 def test_existing_segmentation_is_never_overwritten_unless_chosen(scene, logic_on_scene, fixed_probe, tiny_backbone,
                                                                   make_case, organs):
     logic, probe = logic_on_scene, fixed_probe
     _, volume_node, annotations = make_case(scene, name="patient")
-    existing = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "patient segmentation")
+    annotations.SetName("patient segmentation")  # the user's own labels carry the name the result would take
+    before = _content(annotations, volume_node)
+    assert len(before[0]) == len(organs) and any(before[1])
     first = logic.segment(volume_node, probe, tiny_backbone)
-    assert first is not existing and first.GetName() != "patient segmentation"
-    assert existing.GetSegmentation().GetNumberOfSegments() == 0
-    assert annotations.GetSegmentation().GetNumberOfSegments() == len(organs)
+    assert first is not annotations and first.GetName() != "patient segmentation"
+    assert _content(annotations, volume_node) == before  # the user's segments untouched, voxel for voxel
     count = scene.GetNumberOfNodesByClass("vtkMRMLSegmentationNode")
-    chosen = logic.segment(volume_node, probe, tiny_backbone, outputSegmentationNode=existing)
-    assert chosen is existing and existing.GetSegmentation().GetNumberOfSegments() > 0
+    chosen = logic.segment(volume_node, probe, tiny_backbone, outputSegmentationNode=annotations)
+    assert chosen is annotations and _content(annotations, volume_node)[0] == ["bone"]  # replaced, as chosen
     assert scene.GetNumberOfNodesByClass("vtkMRMLSegmentationNode") == count
 
 
@@ -137,8 +176,7 @@ def test_coordinates_node_on_input_geometry(ds, scene, tmp_path, make_case):
     from DiffusionSegLib.bpr import default_bpr_path
     from DiffusionSegLib.mrml import image_from_volume_node
 
-    if not default_bpr_path().is_file():
-        pytest.skip(f"the default BPR weights are not shipped yet ({default_bpr_path()})")
+    assert default_bpr_path().is_file(), "the default BPR is shipped"
     logic = ds.DiffusionSegLogic(scene, probeFolder=tmp_path)
     ct, volume_node, _ = make_case(scene, {5: "liver"})
     node = logic.showCoordinates(volume_node)

@@ -62,7 +62,7 @@ def _segment(job: dict, report: ProgressCallback, should_stop: Callable[[], bool
     Path(job["output_legend"]).write_text(json.dumps(labels_to_json(result.organs)))
     view = result.field_of_view.describe() if result.field_of_view is not None else None
     return {"labels": job["output_labels"], "legend": job["output_legend"], "seconds": result.seconds,
-            "field_of_view": view}  # fmt: skip
+            "field_of_view": view, "not_found": result.not_found}  # fmt: skip
 
 
 def _coords(job: dict, report: ProgressCallback, should_stop: Callable[[], bool]) -> dict:
