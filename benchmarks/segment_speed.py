@@ -229,12 +229,13 @@ def markdown(result: dict) -> str:
 def main(argv: list[str] | None = None) -> dict:
     from DiffusionSegLib.probe.segment import _count_windows
     from DiffusionSegLib.features import window_size
-    from DiffusionSegLib.resources import default_backbone_path, default_probe_path
+    from DiffusionSegLib.probe import find_probe_backbone
+    from DiffusionSegLib.resources import default_probe_path
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--volume", type=Path, default=DEFAULT_VOLUME, help="CT to segment")
-    parser.add_argument("--probe", type=Path, default=None, help="probe (default: the shipped BTCV probe)")
-    parser.add_argument("--backbone", type=Path, default=None, help="backbone (default: the shipped one)")
+    parser.add_argument("--probe", type=Path, default=None, help="probe or model (default: the shipped default)")
+    parser.add_argument("--backbone", type=Path, default=None, help="backbone (default: the one the probe recorded)")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--skip-baseline", action="store_true", help="time our path only")
@@ -246,7 +247,8 @@ def main(argv: list[str] | None = None) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    probe_path, backbone_path = args.probe or default_probe_path(), args.backbone or default_backbone_path()
+    probe_path = args.probe or default_probe_path()
+    backbone_path = Path(args.backbone or find_probe_backbone(probe_path))
     memory = MemorySampler(device)
     result: dict = {"machine": machine_info(device),
                     "args": {"argv": sys.argv[1:] if argv is None else argv, "volume_name": args.volume.name,

@@ -65,10 +65,18 @@ class BodyAxis:
         self.sha256 = file_sha256(self.path)
 
     def z_map(self, image: sitk.Image) -> np.ndarray:
-        """(z, y, x) array of the body-axis coordinate in mm on ``image``'s grid (0 outside the body box)."""
-        from DiffusionSegLib.bpr import predict_body_coordinates
+        """(z, y, x) float32 array of the body-axis coordinate in mm on ``image``'s grid (0 outside the body box).
 
-        return sitk.GetArrayFromImage(predict_body_coordinates(image, self.model))[..., 2]
+        Only the z channel is taken to the input grid: the 3-component map would take 12 bytes per input voxel
+        twice over (image and array; 6 GB for a 512 x 512 x 1000 CT), the peak of a whole segmentation."""
+        from DiffusionSegLib.bpr import predict_working_coordinates
+        from DiffusionSegLib.preprocess import PreprocessConfig, prepare_volume, to_input_grid
+
+        prepared = prepare_volume(image, PreprocessConfig(spacing_mm=self.model.config.spacing_mm))
+        working = predict_working_coordinates(prepared.image, self.model)
+        z = sitk.GetImageFromArray(np.ascontiguousarray(working[0, 2].numpy(), dtype=np.float32))
+        z.CopyInformation(prepared.image)
+        return sitk.GetArrayFromImage(to_input_grid(z, prepared, "linear", 0.0))
 
 
 def organ_z_ranges(cases: Sequence[tuple[sitk.Image, sitk.Image]], labels, axis: BodyAxis) -> dict[str, list[float]]:

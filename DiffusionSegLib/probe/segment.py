@@ -108,18 +108,27 @@ def keep_largest_components(labels: np.ndarray, values: list[int]) -> np.ndarray
         mask = labels == value
         if not mask.any():
             continue
-        components = sitk.ConnectedComponent(sitk.GetImageFromArray(mask.astype(np.uint8)), True)
+        # components within the organ's bounding box: the label image of ITK is 4 bytes per voxel, a few GB for
+        # a whole 512 x 512 x 1000 CT, while an organ's box is a small part of it
+        box = tuple(slice(int(i.min()), int(i.max()) + 1) for i in (np.flatnonzero(mask.any(axis=a)) for a in
+                                                                      ((1, 2), (0, 2), (0, 1))))  # fmt: skip
+        inside = mask[box]
+        components = sitk.ConnectedComponent(sitk.GetImageFromArray(inside.astype(np.uint8)), True)
         largest = sitk.GetArrayFromImage(sitk.RelabelComponent(components, sortByObjectSize=True)) == 1
-        labels[mask & ~largest] = 0
+        labels[box][inside & ~largest] = 0
     return labels
 
 
-def _to_input(array: np.ndarray, prepared, default: float) -> np.ndarray:
+def _to_input_image(array: np.ndarray, prepared, default: float) -> sitk.Image:
     from DiffusionSegLib.preprocess import to_input_grid
 
     image = sitk.GetImageFromArray(np.ascontiguousarray(array, dtype=np.float32))
     image.CopyInformation(prepared.image)
-    return sitk.GetArrayFromImage(to_input_grid(image, prepared, "linear", default))
+    return to_input_grid(image, prepared, "linear", default)
+
+
+def _to_input(array: np.ndarray, prepared, default: float) -> np.ndarray:
+    return sitk.GetArrayFromImage(_to_input_image(array, prepared, default))
 
 
 def _coordinates_on_input(inputs, prepared) -> sitk.Image:
@@ -283,13 +292,15 @@ def _finish(image: sitk.Image, prepared, probe: TrainedProbe, probabilities: np.
     report(0.0, "resampling to the input grid")
     best = classes = None
     for c in range(probabilities.shape[0]):  # running argmax: one input-grid float volume at a time
-        on_input = _to_input(probabilities[c], prepared, 1.0 if c == 0 else 0.0)
+        resampled = _to_input_image(probabilities[c], prepared, 1.0 if c == 0 else 0.0)
+        on_input = sitk.GetArrayViewFromImage(resampled)  # no copy: ``resampled`` stays alive until the del
         if best is None:
-            best, classes = on_input, np.zeros(on_input.shape, np.uint8)
+            best, classes = on_input.copy(), np.zeros(on_input.shape, np.uint8)
         else:
             better = on_input > best
             best[better] = on_input[better]
             classes[better] = c
+        del on_input, resampled
     del best
     uncertainty_image, kind = None, None
     if uncertainty:

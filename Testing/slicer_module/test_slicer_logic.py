@@ -89,6 +89,10 @@ def test_shipped_default_gives_many_named_coloured_organs_and_is_listed_first(ds
     assert {name: by_name[name].value for name in segments} == {name: value for value, name in legend.items()}
     present = {int(v) for v in np.unique(sitk.GetArrayViewFromImage(labels))} - {0}
     assert present == set(legend)  # every segment holds voxels, under its BTCV id
+    missing = set(by_name) - set(segments)  # the status line names each organ the scan did not show
+    notes = [result.GetAttribute(ds.NOT_FOUND_ATTRIBUTE) or "", result.GetAttribute(ds.FIELD_OF_VIEW_ATTRIBUTE) or ""]
+    assert all(name in " ".join(notes) for name in missing), (notes, missing)
+    assert not any(f" {name}," in notes[0] + "," for name in segments)  # found organs are not listed as missing
 
 
 def _content(node, volume_node) -> tuple[list[str], bytes]:
