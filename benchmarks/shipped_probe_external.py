@@ -33,7 +33,7 @@ def main(argv: list[str] | None = None) -> dict:
     from DiffusionSegLib.resources import default_probe_path
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--probe", type=Path, default=None, help="probe (default: the shipped 13-organ probe)")
+    parser.add_argument("--probe", type=Path, default=None, help="probe or model (default: the shipped default)")
     parser.add_argument("--backbone", type=Path, default=None, help="its backbone (default: found by hash)")
     parser.add_argument("--data", type=Path, default=DATA / "labeled", help="folder with the ircadb* cases")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results", help="results folder")
