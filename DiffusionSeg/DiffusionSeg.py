@@ -555,8 +555,8 @@ class DiffusionSegLogic(ScriptedLoadableModuleLogic):
 
         probes = []
         for folder in self.modelFolders():
-            paths = sorted(folder.glob("*.safetensors"), key=lambda p: (p.name != DEFAULT_PROBE_NAME, p.name))
-            for path in paths if folder.is_dir() else []:
+            found = folder.glob("*.safetensors") if folder.is_dir() else []
+            for path in sorted(found, key=lambda p: (p.name != DEFAULT_PROBE_NAME, p.name)):
                 metadata = readWeightsMetadata(path)
                 if metadata.get("kind") != "probe":
                     continue

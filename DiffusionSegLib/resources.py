@@ -11,13 +11,12 @@ from pathlib import Path
 
 from DiffusionSegLib.errors import UserInputError
 
-__all__ = ["resources_dir", "sample_ct_path", "default_backbone_path", "default_probe_path", "frozen_probe_path",
-           "SAMPLE_CT_NAME", "DEFAULT_BACKBONE_NAME", "DEFAULT_PROBE_NAME", "FROZEN_PROBE_NAME"]
+__all__ = ["resources_dir", "sample_ct_path", "default_backbone_path", "default_probe_path", "SAMPLE_CT_NAME",
+           "DEFAULT_BACKBONE_NAME", "DEFAULT_PROBE_NAME"]
 
 SAMPLE_CT_NAME = "totalseg_example_ct.nii.gz"
 DEFAULT_BACKBONE_NAME = "backbone_default.safetensors"
 DEFAULT_PROBE_NAME = "finetune_btcv13_default.safetensors"
-FROZEN_PROBE_NAME = "probe_btcv13_frozen.safetensors"
 
 
 def resources_dir() -> Path:
@@ -50,8 +49,3 @@ def default_probe_path() -> Path:
     """The shipped default model: the 13 BTCV abdominal organs, fine-tuned end to end from the default backbone
     (its fine-tuned backbone lies beside it, ``finetune_btcv13_default.backbone.safetensors``)."""
     return _shipped_model(DEFAULT_PROBE_NAME, "default 13-organ model")
-
-
-def frozen_probe_path() -> Path:
-    """The shipped quick probe: the 13 BTCV organs on the frozen default backbone (``train-probe``)."""
-    return _shipped_model(FROZEN_PROBE_NAME, "frozen 13-organ probe")

@@ -23,8 +23,10 @@ def missing(reason: str):
 
 def import_or_missing(module: str, reason: str):
     """``pytest.importorskip`` that fails instead where test dependencies are required."""
+    import importlib
+
     try:
-        return __import__(module, fromlist=["_"])
+        return importlib.import_module(module)
     except ImportError:
         missing(reason)
 

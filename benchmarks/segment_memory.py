@@ -31,6 +31,16 @@ SOURCE = DATA / "raw" / "ircadb1.01_ct_fullres.nii.gz"
 OUT = REPO / "benchmarks" / "results"
 
 
+def volume_size(path: Path) -> tuple[int, int, int]:
+    """Voxel size (x, y, z) of a volume from its header."""
+    import SimpleITK as sitk
+
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    reader.ReadImageInformation()
+    return tuple(reader.GetSize())
+
+
 def make_large_ct(source: Path, slices: int, path: Path) -> tuple[int, int, int]:
     """Resample ``source`` to ``slices`` axial slices over the same extent (int16, uncompressed NIfTI)."""
     import SimpleITK as sitk
@@ -73,7 +83,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="segment_memory_") as folder:
         large = Path(folder) / f"large_{args.slices}.nii"
         size = make_large_ct(SOURCE, args.slices, large)
-        for name, volume, shape in (("original", SOURCE, (512, 512, 129)), ("large", large, size)):
+        for name, volume, shape in (("original", SOURCE, volume_size(SOURCE)), ("large", large, size)):
             result = segment_peak_memory(volume, Path(folder) / f"{name}.seg.nrrd", extra, args.threads)
             voxels = shape[0] * shape[1] * shape[2]
             rows.append({"volume": name, "size": list(shape), "voxels": voxels, **result,

@@ -127,10 +127,6 @@ def _to_input_image(array: np.ndarray, prepared, default: float) -> sitk.Image:
     return to_input_grid(image, prepared, "linear", default)
 
 
-def _to_input(array: np.ndarray, prepared, default: float) -> np.ndarray:
-    return sitk.GetArrayFromImage(_to_input_image(array, prepared, default))
-
-
 def _coordinates_on_input(inputs, prepared) -> sitk.Image:
     from DiffusionSegLib.bpr import UNIT_MM
     from DiffusionSegLib.bpr.inference import coordinates_to_image
@@ -309,8 +305,7 @@ def _finish(image: sitk.Image, prepared, probe: TrainedProbe, probabilities: np.
         else:
             p = np.clip(probabilities, 1e-8, 1.0)
             working_map, kind = -(p * np.log(p)).sum(0) / math.log(p.shape[0]), "entropy"
-        uncertainty_image = sitk.GetImageFromArray(_to_input(working_map, prepared, 0.0).astype(np.float32))
-        uncertainty_image.CopyInformation(image)
+        uncertainty_image = _to_input_image(working_map, prepared, 0.0)  # float32, on the input grid
     values = [0] + [organ.value for organ in probe.labels]
     dtype = np.uint8 if max(values) < 256 else np.uint16
     label_array = np.asarray(values, dtype=dtype)[classes]
