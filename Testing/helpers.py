@@ -63,7 +63,12 @@ def read_labeled_case(case: str = "ircadb1.01"):
 
 
 def tilted(image, degrees: float = 25.0):
-    """``image`` resampled onto a grid rotated ``degrees`` about the x (left-right) axis that covers it."""
+    """``image`` resampled onto a grid rotated ``degrees`` about the x (left-right) axis that covers it.
+
+    Cubic B-spline interpolation: a scanner acquires a tilted grid directly, so the simulation should lose as
+    little as it can; on the 3 mm test CT, linear interpolation blurred it enough to move organ borders by itself
+    (the default model's tilted-vs-original liver / spleen Dice 0.947 / 0.948 with linear, 0.951 / 0.954 with
+    B-spline, same pipeline)."""
     import math
 
     import numpy as np
@@ -81,4 +86,4 @@ def tilted(image, degrees: float = 25.0):
     grid.SetSpacing(tuple(spacing))
     grid.SetDirection(tuple(direction.ravel()))
     grid.SetOrigin(tuple(direction @ low))
-    return sitk.Resample(image, grid, sitk.Transform(), sitk.sitkLinear, -1024.0, image.GetPixelID())
+    return sitk.Resample(image, grid, sitk.Transform(), sitk.sitkBSpline, -1024.0, image.GetPixelID())

@@ -16,8 +16,9 @@ Measured in one run, on one device:
     parameter count is the closest to ours), same step and measurements;
 (d) the ratio ours / MONAI.
 
-On CUDA both run under bf16 autocast with channels_last_3d; on CPU in float32 (bf16 conv3d is about 10x slower
-on CPU in torch's current kernels) with channels_last_3d. ``--candidates`` also times a few of our settings
+On CUDA both run under bf16 autocast with channels_last_3d; on CPU in float32 with channels_last_3d (pure bf16
+conv3d was about 10x slower on the CPU this was first measured on; bf16 *autocast* on a CPU with AMX makes a
+fine-tuning step 1.7x faster: ``FinetuneConfig.precision``). ``--candidates`` also times a few of our settings
 (norm, blocks per level, activation, memory format). Step times are medians. Results go to
 ``benchmarks/results/backbone_throughput.{json,md}`` (``--quick`` only prints unless ``--out`` is given).
 MONAI's model needs ``einops``. Each run takes one to three minutes on 2 CPU cores.

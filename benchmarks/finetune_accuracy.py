@@ -47,7 +47,12 @@ METHODS = {  # row name: (what it is, FinetuneConfig fields)
                             {"init": "pretrained", "use_coordinates": False}),
     "random": ("our network, random init, fine-tuned", {"init": "random"}),
     "monai_unet": ("MONAI UNet from scratch (DESIGN.md §2 recipe)", None),
+    "frozen_context": ("frozen probe (3x3x3 context head) on the diffusion + BPR backbone", None),
+    "frozen_context_random": ("frozen probe (3x3x3 context head) on a random-init backbone", None),
 }
+FROZEN = {"frozen_context": "pretrained", "frozen_context_random": "random"}
+"""Frozen-probe rows (the quick in-app path): the backbone is not trained; the head stops when its held-out loss
+has not improved for ``patience`` validations (``probe_config``), so these rows have no minute budget."""
 """``monai_unet`` is what a user does without us (``benchmarks/monai_unet_baseline.py``), trained at the same
 budget on the same cases and scored the same way (no largest-component clean-up: a plain MONAI user has none)."""
 DRAWS = (0, 1)
@@ -88,6 +93,29 @@ def _baseline_key(row: dict, cases: list[str]) -> dict:
             "cases": cases, "budget_minutes": row["budget"], "seed": row["draw"], "organs": [o.name for o in BTCV_LABELS]}  # fmt: skip
 
 
+def probe_config(row: dict, device: str):
+    from DiffusionSegLib.probe import ProbeConfig
+
+    return ProbeConfig(head="context", steps=3000, patience=8, val_every=25, seed=row["draw"], device=device,
+                       val_volumes=1 if row["regime"] == "full" else 0)  # fmt: skip
+
+
+def random_backbone(backbone, folder: Path, seed: int = 0):
+    """The backbone's architecture, inputs and working grid with freshly initialised weights (written to
+    ``folder``): what the frozen probe reads without pretraining."""
+    import torch
+
+    from DiffusionSegLib.nets import UNet3d
+    from DiffusionSegLib.pretrain.export import export_backbone, load_backbone
+
+    torch.manual_seed(seed)
+    model = UNet3d.from_config(backbone.model.config).eval()
+    path = export_backbone(folder / "random_backbone.safetensors", backbone.pretrain, model, steps=0, bpr_path=None,
+                           bpr_sha256=backbone.bpr_sha256, val_loss=None,
+                           extra={"random_init": True, "seed": seed, "architecture_of": backbone.sha256})  # fmt: skip
+    return load_backbone(path)
+
+
 def train(row: dict, cases_by_id: dict, training: list[str], backbone, args) -> tuple[Path, dict]:
     from DiffusionSegLib.data.volume import read_volume
     from DiffusionSegLib.finetune import FinetuneConfig, finetune
@@ -96,6 +124,10 @@ def train(row: dict, cases_by_id: dict, training: list[str], backbone, args) -> 
     folder = OUT / "runs" / row["name"]
     if row["method"] == "monai_unet":
         model, key = folder / "model.pt", _baseline_key(row, cases)
+    elif row["method"] in FROZEN:
+        model = folder / "model.safetensors"
+        key = {"method": row["method"], "backbone_sha256": backbone.sha256, "cases": cases,
+               "probe": probe_config(row, args.device).to_dict(), "organs": [o.name for o in BTCV_LABELS]}  # fmt: skip
     else:
         cfg = FinetuneConfig(**METHODS[row["method"]][1], budget_minutes=row["budget"], seed=row["draw"],
                              val_volumes=1 if row["regime"] == "full" else 0, device=args.device)  # fmt: skip
@@ -118,6 +150,15 @@ def train(row: dict, cases_by_id: dict, training: list[str], backbone, args) -> 
         info = train_unet(pairs[:-1] if held_out else pairs, [o.value for o in BTCV_LABELS], row["budget"],
                           row["draw"], model, held_out, "cuda" if args.device == "cuda" else "cpu")  # fmt: skip
         info.update(cases=cases, wall_s=time.perf_counter() - started, cancelled=False)
+    elif row["method"] in FROZEN:
+        from DiffusionSegLib.probe import fit_probe, save_probe
+
+        reads = backbone if FROZEN[row["method"]] == "pretrained" else random_backbone(backbone, folder)
+        probe = fit_probe(pairs, BTCV_LABELS, reads, probe_config(row, args.device), progress=not args.quiet)
+        save_probe(model, probe)
+        wall = time.perf_counter() - started
+        info = {"cases": cases, "steps": probe.history[-1]["step"], "best_step": probe.best_step,
+                "history": probe.history, "seconds": {"train": wall}, "wall_s": wall, "cancelled": False}  # fmt: skip
     else:
         result = finetune(pairs, BTCV_LABELS, backbone, model, cfg, run_dir=folder / "snapshot", case_names=cases,
                           progress=not args.quiet)  # fmt: skip
@@ -198,14 +239,16 @@ def write_report(rows: list[dict]) -> None:
              "pancreas": "pan", "stomach": "sto"}  # fmt: skip
     lines = ["# Fine-tuning accuracy, fixed BTCV split (5 test cases on their original grid)", "",
              "Command: `.venv/bin/python benchmarks/finetune_accuracy.py` (see its docstring for the split).", "",
-             "| model | regime | cases | budget (min) | steps | Big | Medium | Small | Mean ± sd (13) | "
+             "| model | regime | cases | budget (min) | wall (min) | steps | Big | Medium | Small | Mean ± sd (13) | "
              + " | ".join(short.values()) + " |",
-             "|---|---|---|---:|---:|---:|---:|---:|---:|" + "---:|" * len(short)]  # fmt: skip
+             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|" + "---:|" * len(short)]  # fmt: skip
     for r in rows:
         g = r["groups"]
         organs = " | ".join(f"{r['per_organ'][o]:.3f}" for o in short)
+        budget = "–" if r["method"] in FROZEN else f"{r['budget']:g}"
         lines.append(f"| {METHODS[r['method']][0]} | {r['regime']} | {', '.join(c[-4:] for c in r['cases'])} | "
-                     f"{r['budget']:g} | {r['steps']} | {g['big']:.3f} | {g['medium']:.3f} | {g['small']:.3f} | "
+                     f"{budget} | {r['wall_minutes']:.1f} | {r['steps']} | {g['big']:.3f} | {g['medium']:.3f} | "
+                     f"{g['small']:.3f} | "
                      f"{g['mean']:.3f} ± {r['mean_spread']:.3f} | {organs} |")  # fmt: skip
     lines += ["", "External test (3D-IRCADb, never trained on), Dice per labeled organ:", ""]
     for r in rows:

@@ -27,7 +27,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--folds", type=int, default=5)
     parser.add_argument("--shots", type=int, nargs="+", default=[1, 2, 5], help="few-shot training-set sizes")
     parser.add_argument("--repeats", type=int, default=1, help="few-shot draws per size")
-    parser.add_argument("--heads", nargs="+", choices=("linear", "nonlinear"), default=["linear", "nonlinear"])
+    parser.add_argument("--heads", nargs="+", choices=("linear", "nonlinear", "context"), default=["linear", "nonlinear"])
     parser.add_argument("--organs", help="comma-separated organ names to learn and score (default: all in the legend)")
     parser.add_argument("--max-cases", type=int, default=0, help="use only the first N cases (0: all)")
     parser.add_argument("--max-test-cases", type=int, default=0, help="test cases per split (0: all)")

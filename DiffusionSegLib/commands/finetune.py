@@ -42,6 +42,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint-every", type=int, default=50, help="steps between snapshots (default 50)")
     parser.add_argument("--seed", type=int, default=0, help="initialisation / sampling seed (default 0)")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="default: GPU if present")
+    parser.add_argument("--precision", choices=("auto", "float32", "bfloat16"), default="auto",
+                        help="forward-pass arithmetic (default auto: bfloat16 on AMX CPUs and bfloat16 GPUs)")
     parser.add_argument("--bpr", help="BPR weights for a backbone with coordinates (default: the recorded one)")
 
 
@@ -56,7 +58,8 @@ def run(args: argparse.Namespace) -> int:
 
     options = {"init": args.init, "budget_minutes": args.minutes, "steps": args.steps, "batch_size": args.batch_size,
                "lr": args.lr, "val_volumes": args.val_volumes, "val_every": args.val_every,
-               "checkpoint_every": args.checkpoint_every, "seed": args.seed, "device": args.device}  # fmt: skip
+               "checkpoint_every": args.checkpoint_every, "seed": args.seed, "device": args.device,
+               "precision": args.precision}  # fmt: skip
     if args.spacing:
         options["spacing_mm"] = tuple(args.spacing)
     if args.patch:

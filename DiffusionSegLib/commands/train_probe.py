@@ -35,7 +35,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--backbone", required=True, help="backbone weights (.safetensors from pretraining)")
     add_case_arguments(parser)
     parser.add_argument("-o", "--output", required=True, help="probe file to write (.safetensors)")
-    parser.add_argument("--head", choices=("linear", "nonlinear"), default="nonlinear", help="probe head (default "
+    parser.add_argument("--head", choices=("linear", "nonlinear", "context"), default="nonlinear",
+                        help="probe head: linear, nonlinear (1x1x1 decoder) or context (3x3x3 decoder) (default "
                         "nonlinear)")  # fmt: skip
     parser.add_argument("--timestep", type=int, default=0, help="diffusion step t of the features (default 0)")
     parser.add_argument("--noise-seed", type=int, default=0, help="seed of the fixed noise field (default 0)")

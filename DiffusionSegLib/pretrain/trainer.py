@@ -204,7 +204,10 @@ def _run(cfg: PretrainConfig, ctx: DistributedContext, resume: bool, max_steps_t
 
     end = cfg.training.steps if max_steps_this_run is None else min(cfg.training.steps, step + max_steps_this_run)
     losses: list[float] = []
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if use_cuda and cfg.training.bf16 else nullcontext()
+    from DiffusionSegLib.features import autocast_dtype
+
+    dtype = autocast_dtype("auto" if cfg.training.bf16 else "float32", ctx.device)
+    autocast = torch.autocast(ctx.device.type, dtype=dtype) if dtype is not None else nullcontext()
     progress = tqdm(total=cfg.training.steps, initial=step, desc=f"pretrain {cfg.method}", disable=not show)
     started = time.perf_counter()
     with _StopFlag() as flag:

@@ -10,15 +10,16 @@ from DiffusionSegLib.features import FeatureConfig
 
 __all__ = ["ProbeConfig", "HEADS"]
 
-HEADS = ("linear", "nonlinear")
+HEADS = ("linear", "nonlinear", "context")
 
 
 @dataclass
 class ProbeConfig:
     """Everything that defines a probe (saved with its weights)."""
 
-    head: Literal["linear", "nonlinear"] = "nonlinear"
-    """Head on the frozen pyramid: a linear map (1x1x1 conv per level) or a light non-linear FPN decoder."""
+    head: Literal["linear", "nonlinear", "context"] = "nonlinear"
+    """Head on the frozen pyramid: a linear map (1x1x1 conv per level), a light non-linear FPN decoder of 1x1x1
+    blocks, or ``context``: the same decoder with 3x3x3 blocks on the coarser levels (spatial context)."""
     hidden_channels: int = 64
     """Width of the non-linear head."""
     timestep: int = 0
@@ -41,9 +42,9 @@ class ProbeConfig:
     """Optimiser steps on the cached features."""
     train_crop_vox: tuple[int, int, int] | None = (16, 32, 32)
     """Each training step reads random crops of this size (D, H, W) from the cached patches' features instead of
-    whole patches (None: whole patches). The heads are 1x1x1 on the pyramid, so a crop loses no context; it makes
-    a step ~8x cheaper, which buys a batch of many different places. Multiples of the backbone's size divisor;
-    clipped to ``patch_size_vox``."""
+    whole patches (None: whole patches). The 1x1x1 heads lose no context to a crop (the context head only at
+    the crop's border); it makes a step ~8x cheaper, which buys a batch of many different places. Multiples of
+    the backbone's size divisor; clipped to ``patch_size_vox``."""
     batch_size: int = 8
     """Patches (or crops) per step."""
     lr: float = 1e-2

@@ -33,7 +33,8 @@ log = logging.getLogger(__name__)
 
 MIN_ORGAN_ML = 0.5
 """An organ whose voxels add up to less than this (half a millilitre; the smallest BTCV organs, the adrenal
-glands, hold 2-6 ml) is a speck, not a finding: it is removed and reported as not found."""
+glands, hold 2-6 ml) is a speck, not a finding: it is removed and reported as not found. (1.5 ml was tried:
+it removed real small adrenal segments, benchmark mean Dice 0.703 -> 0.686.)"""
 
 
 class SegmentationCancelled(RuntimeError):

@@ -133,15 +133,18 @@ class StandardizedHead(nn.Module):
 
 
 def build_head(kind: str, feature_channels: Sequence[int], num_classes: int, hidden: int = 64) -> nn.Module:
-    """A :class:`LinearProbeHead` or :class:`NonLinearProbeHead` on standardised pyramid features."""
+    """The head of a probe kind (``HEADS``) on standardised pyramid features: ``linear``
+    (:class:`LinearProbeHead`), ``nonlinear`` (:class:`NonLinearProbeHead` of 1x1x1 blocks) or ``context`` (the
+    same decoder with 3x3x3 blocks on the coarser levels)."""
     from DiffusionSegLib.nets import LinearProbeHead, NonLinearProbeHead
+    from DiffusionSegLib.probe.config import HEADS
 
     if kind == "linear":
         head: nn.Module = LinearProbeHead(feature_channels, num_classes)
-    elif kind == "nonlinear":
-        head = NonLinearProbeHead(feature_channels, num_classes, hidden)
+    elif kind in ("nonlinear", "context"):
+        head = NonLinearProbeHead(feature_channels, num_classes, hidden, kernel_size=3 if kind == "context" else 1)
     else:
-        raise ValueError(f"head {kind!r} is unknown; expected 'linear' or 'nonlinear'")
+        raise ValueError(f"head {kind!r} is unknown; expected one of {list(HEADS)}")
     return StandardizedHead(head, feature_channels)
 
 

@@ -56,11 +56,11 @@ def test_tilted_ct_gets_the_same_coordinates_at_the_same_points():
     where = inside & body
     distance = np.linalg.norm(coords_back[where] - coords_ref[where], axis=-1)
     assert float(np.median(distance)) < 5.0, np.percentile(distance, [50, 90])
-    # organ labels at matched points (shipped default model; measured 0.946 liver, 0.946 spleen, 0.875 of the
-    # labelled voxels agreeing; the README's "Command line" section lists every organ)
+    # organ labels at matched points (shipped default model, B-spline tilt: measured liver 0.951, spleen 0.954,
+    # 0.875 of the labelled voxels agreeing; the bounds leave room for other CPUs' rounding)
     foreground = inside & ((labels_ref > 0) | (labels_back > 0))
-    assert float(np.mean(labels_back[foreground] == labels_ref[foreground])) > 0.85
+    assert float(np.mean(labels_back[foreground] == labels_ref[foreground])) > 0.86
     for organ in ("liver", "spleen"):
         value = next(o.value for o in probe.labels if o.name == organ)
         a, b = (labels_ref == value) & inside, (labels_back == value) & inside
-        assert 2 * np.count_nonzero(a & b) / (np.count_nonzero(a) + np.count_nonzero(b)) > 0.92, organ
+        assert 2 * np.count_nonzero(a & b) / (np.count_nonzero(a) + np.count_nonzero(b)) > 0.945, organ

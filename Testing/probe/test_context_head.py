@@ -1,0 +1,54 @@
+"""The spatial-context probe head (3x3x3 decoder blocks): it learns on real patches and its file says what it is."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+from features.tiny_backbone import make_backbone
+from helpers import dice, liver_rule_dice
+
+from DiffusionSegLib.data.labels import organ_label
+from DiffusionSegLib.errors import UserInputError
+from DiffusionSegLib.probe import ProbeConfig, fit_probe, load_probe, read_probe_config, save_probe, segment
+
+LIVER = organ_label(6, "liver")
+CONTEXT = {"head": "context", "hidden_channels": 16, "steps": 100, "lr": 3e-2, "patch_size_vox": (16, 32, 32),
+           "patches_per_volume": 16, "val_every": 20}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def probe(case, backbone):
+    return fit_probe([case], [LIVER], backbone, ProbeConfig(**CONTEXT), progress=False)
+
+
+def _kernel_sizes(head) -> list[int]:
+    return sorted({m.kernel_size[0] for m in head.modules() if isinstance(m, torch.nn.Conv3d)})
+
+
+def test_context_head_has_3x3x3_blocks_and_lowers_its_loss_on_real_patches(case, probe, backbone):
+    assert 3 in _kernel_sizes(probe.head)  # the per-voxel heads have none
+    assert _kernel_sizes(fit_probe([case], [LIVER], backbone, ProbeConfig(**dict(CONTEXT, head="nonlinear", steps=1)),
+                                   progress=False).head) == [1]  # fmt: skip
+    first, best = probe.history[0], min(h["val_loss"] for h in probe.history)
+    assert best < 0.8 * first["val_loss"] and probe.history[-1]["train_loss"] < 0.8 * first["train_loss"], probe.history
+    result = segment(case[0], probe, backbone)
+    reference = sitk.GetArrayViewFromImage(case[1]) == LIVER.value
+    score = dice(sitk.GetArrayViewFromImage(result.labels) == LIVER.value, reference)
+    rule = liver_rule_dice(case[0], reference)
+    assert score > rule + 0.1, (score, rule)
+
+
+def test_context_probe_file_records_its_head_and_refuses_another_backbone(tmp_path, case, probe, backbone):
+    path = save_probe(tmp_path / "liver.safetensors", probe)
+    assert read_probe_config(path)["probe"]["head"] == "context"
+    loaded = load_probe(path, backbone)
+    assert loaded.config.head == "context" and 3 in _kernel_sizes(loaded.head)
+    window = [torch.randn(1, c, 8 // 2**i, 16 // 2**i, 16 // 2**i) for i, c in enumerate(backbone.feature_channels)]
+    with torch.no_grad():
+        assert torch.equal(loaded.head(window), probe.head.eval()(window))
+    other = make_backbone(tmp_path / "other.safetensors", seed=1)
+    with pytest.raises(UserInputError, match="backbone"):
+        load_probe(path, other)
+    assert np.isfinite(probe.best_val_loss)
