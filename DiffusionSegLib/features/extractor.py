@@ -136,6 +136,14 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     return torch.bfloat16 if native else None
 
 
+def autocast_context(precision: str, device: torch.device):
+    """A reusable ``torch.autocast`` context for ``precision`` on ``device`` (a no-op context for float32)."""
+    from contextlib import nullcontext
+
+    dtype = autocast_dtype(precision, device)
+    return torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
+
+
 def noise_field(shape: Sequence[int], seed: int, num_draws: int = 1) -> torch.Tensor:
     """Standard normal noise for a whole working volume, a function of the seed and the voxel position only.
 

@@ -158,19 +158,14 @@ def _dice_per_class(prediction: np.ndarray, reference: np.ndarray, num_classes: 
     return scores
 
 
-def _autocast(cfg: FinetuneConfig, device: torch.device):
-    """The forward pass's ``torch.autocast`` context for ``cfg.precision`` (disabled for float32)."""
-    from DiffusionSegLib.features import autocast_dtype
-
-    dtype = autocast_dtype(cfg.precision, device)
-    return torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
-
-
 @torch.no_grad()
 def _validate(network: SegmentationNetwork, volumes, cfg: FinetuneConfig, device: torch.device,
-              num_classes: int) -> float:  # fmt: skip
+              num_classes: int, autocast=None) -> float:  # fmt: skip
     from monai.inferers import sliding_window_inference
 
+    from DiffusionSegLib.features import autocast_context
+
+    autocast = autocast if autocast is not None else autocast_context(cfg.precision, device)
     network.eval()
     means = []
     for volume in volumes:
@@ -178,7 +173,7 @@ def _validate(network: SegmentationNetwork, volumes, cfg: FinetuneConfig, device
         if volume.inputs.num_coords and not cfg.use_coordinates:
             inputs = inputs.clone()
             inputs[:, 1 : 1 + volume.inputs.num_coords] = 0.0
-        with _autocast(cfg, device):
+        with autocast:
             logits = sliding_window_inference(inputs, roi_size=cfg.patch_size_vox, sw_batch_size=1,
                                               predictor=network, overlap=cfg.overlap, mode="gaussian",
                                               sw_device=device, device="cpu")  # fmt: skip
@@ -229,7 +224,7 @@ def finetune(cases: Sequence[tuple[sitk.Image, sitk.Image]], labels: Sequence[Or
     from tqdm.auto import tqdm
 
     from DiffusionSegLib.checkpoint import load_training_state, save_training_state
-    from DiffusionSegLib.features import FeatureConfig, resolve_device
+    from DiffusionSegLib.features import FeatureConfig, autocast_context, resolve_device
     from DiffusionSegLib.features.extractor import _bpr_model
     from DiffusionSegLib.probe.extent import record_field_of_view
     from DiffusionSegLib.probe.sampling import prepare_labeled_volume
@@ -275,6 +270,7 @@ def finetune(cases: Sequence[tuple[sitk.Image, sitk.Image]], labels: Sequence[Or
     network.train()
     optimiser = torch.optim.AdamW(network.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     loss_fn = DiceCELoss(to_onehot_y=True, softmax=True, batch=True)
+    autocast = autocast_context(cfg.precision, device)  # resolved once, re-entered every step
     augment = PatchAugment(cfg, trainable.pretrain.data.window_hu, len(labels) + 1)
     rng = np.random.default_rng(cfg.seed)
     step, elapsed, history, losses = 0, 0.0, [], []
@@ -314,7 +310,7 @@ def finetune(cases: Sequence[tuple[sitk.Image, sitk.Image]], labels: Sequence[Or
         batch = [augment(train_volumes[int(rng.integers(len(train_volumes)))], rng) for _ in range(cfg.batch_size)]
         windows = torch.stack([b[0] for b in batch]).to(device)
         targets = torch.stack([b[1] for b in batch]).to(device)
-        with _autocast(cfg, device):
+        with autocast:
             logits = network(windows)
         loss = loss_fn(logits.float(), targets)
         optimiser.zero_grad(set_to_none=True)
@@ -326,7 +322,8 @@ def finetune(cases: Sequence[tuple[sitk.Image, sitk.Image]], labels: Sequence[Or
         last = finished()
         if step % cfg.val_every == 0 or last:
             val_start = time.perf_counter()
-            score = _validate(network, val_volumes, cfg, device, len(labels) + 1) if val_volumes else float("nan")
+            score = (_validate(network, val_volumes, cfg, device, len(labels) + 1, autocast) if val_volumes
+                     else float("nan"))
             elapsed += time.perf_counter() - val_start
             record = {"step": step, "minutes": round(elapsed / 60.0, 3), "train_loss": float(np.mean(losses[-50:])),
                       "val_dice": score, "lr": optimiser.param_groups[0]["lr"]}  # fmt: skip
@@ -352,7 +349,7 @@ def finetune(cases: Sequence[tuple[sitk.Image, sitk.Image]], labels: Sequence[Or
     timings["train"] = elapsed
     if val_volumes and best["network"] is not None:
         if not history or history[-1]["step"] != step:  # cancelled between validations: score the latest too
-            score = _validate(network, val_volumes, cfg, device, len(labels) + 1)
+            score = _validate(network, val_volumes, cfg, device, len(labels) + 1, autocast)
             history.append({"step": step, "minutes": round(elapsed / 60.0, 3),
                             "train_loss": float(np.mean(losses[-50:])) if losses else float("nan"),
                             "val_dice": score, "lr": optimiser.param_groups[0]["lr"]})  # fmt: skip

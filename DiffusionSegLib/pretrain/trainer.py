@@ -13,7 +13,6 @@ import logging
 import math
 import signal
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -204,10 +203,9 @@ def _run(cfg: PretrainConfig, ctx: DistributedContext, resume: bool, max_steps_t
 
     end = cfg.training.steps if max_steps_this_run is None else min(cfg.training.steps, step + max_steps_this_run)
     losses: list[float] = []
-    from DiffusionSegLib.features import autocast_dtype
+    from DiffusionSegLib.features import autocast_context
 
-    dtype = autocast_dtype("auto" if cfg.training.bf16 else "float32", ctx.device)
-    autocast = torch.autocast(ctx.device.type, dtype=dtype) if dtype is not None else nullcontext()
+    autocast = autocast_context("auto" if cfg.training.bf16 else "float32", ctx.device)
     progress = tqdm(total=cfg.training.steps, initial=step, desc=f"pretrain {cfg.method}", disable=not show)
     started = time.perf_counter()
     with _StopFlag() as flag:
