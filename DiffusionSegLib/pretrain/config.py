@@ -102,6 +102,9 @@ class TrainingConfig:
     log_every: int = 10
     val_every: int = 200
     checkpoint_every: int = 200
+    export_at: list[int] = field(default_factory=list)
+    """Steps at which to also export the backbone as ``backbone_step{N}.safetensors`` (e.g. 2500 and 10000 of a
+    20 000-step run), so that features can be compared against pretraining length."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
     bf16: bool = True
     """bfloat16 autocast where the hardware has matrix units for it (CUDA GPUs with bfloat16, CPUs with AMX);

@@ -38,6 +38,11 @@ WEIGHTS_NAME = "backbone.safetensors"
 LOG_NAME = "log.jsonl"
 
 
+def intermediate_weights_name(step: int) -> str:
+    """File name of the backbone exported at ``step`` (``TrainingConfig.export_at``)."""
+    return f"backbone_step{step:05d}.safetensors"
+
+
 @dataclass
 class PretrainResult:
     weights: Path | None
@@ -238,6 +243,9 @@ def _run(cfg: PretrainConfig, ctx: DistributedContext, resume: bool, max_steps_t
                         append_log(out_dir / LOG_NAME, record)
                 if step % cfg.training.checkpoint_every == 0:
                     snapshot()
+                if step in cfg.training.export_at and step < cfg.training.steps and ctx.is_main:
+                    export_backbone(out_dir / intermediate_weights_name(step), cfg, method.backbone, steps=step,
+                                    bpr_path=bpr_path, val_loss=val_loss)  # fmt: skip
         except KeyboardInterrupt:
             log.warning("interrupted at step %d: saving a snapshot to resume from", step)
             snapshot()

@@ -56,8 +56,8 @@ def test_tilted_ct_gets_the_same_coordinates_at_the_same_points():
     where = inside & body
     distance = np.linalg.norm(coords_back[where] - coords_ref[where], axis=-1)
     assert float(np.median(distance)) < 5.0, np.percentile(distance, [50, 90])
-    # organ labels at matched points (shipped default model, B-spline tilt: measured liver 0.951, spleen 0.954,
-    # 0.875 of the labelled voxels agreeing; the bounds leave room for other CPUs' rounding)
+    # organ labels at matched points (shipped default model, B-spline tilt: measured liver 0.957, spleen 0.956,
+    # 0.893 of the labelled voxels agreeing; the bounds leave room for other CPUs' rounding)
     foreground = inside & ((labels_ref > 0) | (labels_back > 0))
     assert float(np.mean(labels_back[foreground] == labels_ref[foreground])) > 0.86
     for organ in ("liver", "spleen"):

@@ -55,11 +55,17 @@ def test_validation_loss_falls_on_real_ct(tmp_path):
 
 def test_interrupted_run_resumes_with_the_same_losses(tmp_path):
     reference = pretrain_backbone(_config(tmp_path / "a")).losses
-    first = pretrain_backbone(_config(tmp_path / "b"), max_steps_this_run=3)
+    first = pretrain_backbone(_config(tmp_path / "b", training__export_at=[2, 5]), max_steps_this_run=3)
     assert first.weights is None and first.step == 3
-    second = pretrain_backbone(_config(tmp_path / "b"))
+    second = pretrain_backbone(_config(tmp_path / "b", training__export_at=[2, 5]))
     assert second.step == 6 and second.weights is not None
     assert first.losses + second.losses == pytest.approx(reference, rel=1e-6, abs=1e-7)
+    # The intermediate exports are the backbone as it was at those steps (one before, one after the resume).
+    final = load_backbone(second.weights).model.state_dict()
+    for step in (2, 5):
+        exported = load_backbone(tmp_path / "b" / f"backbone_step{step:05d}.safetensors").model.state_dict()
+        assert exported.keys() == final.keys()
+        assert any(not torch.equal(exported[k], final[k]) for k in final)
     assert [r["step"] for r in _log(tmp_path / "b") if "loss" in r] == list(range(1, 7))
     with pytest.raises(ValueError, match="exists"):
         pretrain_backbone(_config(tmp_path / "b"), resume=False)  # an existing run is never overwritten
