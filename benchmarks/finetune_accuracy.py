@@ -47,8 +47,8 @@ METHODS = {  # row name: (what it is, FinetuneConfig fields)
                             {"init": "pretrained", "use_coordinates": False}),
     "random": ("our network, random init, fine-tuned", {"init": "random"}),
     "monai_unet": ("MONAI UNet from scratch (DESIGN.md §2 recipe)", None),
-    "frozen_context": ("frozen probe (3x3x3 context head) on the diffusion + BPR backbone", None),
-    "frozen_context_random": ("frozen probe (3x3x3 context head) on a random-init backbone", None),
+    "frozen_context": ("frozen probe (context head + CT and coordinates) on the diffusion + BPR backbone", None),
+    "frozen_context_random": ("frozen probe (context head + CT and coordinates) on a random-init backbone", None),
 }
 FROZEN = {"frozen_context": "pretrained", "frozen_context_random": "random"}
 """Frozen-probe rows (the quick in-app path): the backbone is not trained; the head stops when its held-out loss
@@ -74,10 +74,11 @@ def run_cases(regime: str, draw: int, training: list[str]) -> list[str]:
 
 def runs(args) -> list[dict]:
     """Every row of the table: name, method, regime, draw, budget."""
-    rows = [{"name": f"{m}_full", "method": m, "regime": "full", "draw": 0, "budget": args.budget_full}
+    tag = f"_{args.tag}" if args.tag else ""
+    rows = [{"name": f"{m}_full{tag}", "method": m, "regime": "full", "draw": 0, "budget": args.budget_full}
             for m in METHODS]  # fmt: skip
-    rows += [{"name": f"{m}_fewshot_d{d}", "method": m, "regime": "fewshot", "draw": d, "budget": args.budget_fewshot}
-             for m in METHODS for d in DRAWS]  # fmt: skip
+    rows += [{"name": f"{m}_fewshot_d{d}{tag}", "method": m, "regime": "fewshot", "draw": d,
+              "budget": args.budget_fewshot} for m in METHODS for d in DRAWS]  # fmt: skip
     return [r for r in rows if not args.only or r["name"] in args.only]
 
 
@@ -94,10 +95,13 @@ def _baseline_key(row: dict, cases: list[str]) -> dict:
 
 
 def probe_config(row: dict, device: str):
+    """Few-shot rows: the quick in-app probe (``QUICK_PROBE``); the 15-case row: the same head 64 wide, with up to
+    3000 steps (15 cases give 360 cached patches), both stopped by their held-out loss."""
     from DiffusionSegLib.probe import ProbeConfig
+    from DiffusionSegLib.probe.config import QUICK_PROBE
 
-    return ProbeConfig(head="context", steps=3000, patience=8, val_every=25, seed=row["draw"], device=device,
-                       val_volumes=1 if row["regime"] == "full" else 0)  # fmt: skip
+    options = dict(QUICK_PROBE) if row["regime"] == "fewshot" else dict(QUICK_PROBE, hidden_channels=64, steps=3000)
+    return ProbeConfig(**options, seed=row["draw"], device=device, val_volumes=1 if row["regime"] == "full" else 0)
 
 
 def random_backbone(backbone, folder: Path, seed: int = 0):
@@ -135,7 +139,9 @@ def train(row: dict, cases_by_id: dict, training: list[str], backbone, args) -> 
     key_file = folder / "key.json"
     if model.is_file() and key_file.is_file() and json.loads(key_file.read_text()) == key:
         log.info("%s: reusing %s", row["name"], model)
-        return model, json.loads((folder / "train.json").read_text())
+        info = json.loads((folder / "train.json").read_text())
+        info.setdefault("backbone_steps", backbone_steps(backbone))  # runs from before it was recorded
+        return model, info
     if key_file.is_file() and json.loads(key_file.read_text()) != key:  # other settings: start that row over
         shutil.rmtree(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -165,8 +171,16 @@ def train(row: dict, cases_by_id: dict, training: list[str], backbone, args) -> 
         info = {"cases": cases, "steps": result.steps, "planned_steps": result.planned_steps,
                 "best_step": result.best_step, "history": result.history, "seconds": result.seconds,
                 "wall_s": time.perf_counter() - started, "cancelled": result.cancelled}  # fmt: skip
+    info["backbone_steps"] = backbone_steps(backbone)
     (folder / "train.json").write_text(json.dumps(info, indent=1))
     return model, info
+
+
+def backbone_steps(backbone) -> int | None:
+    """Pretraining steps recorded in a backbone file."""
+    from DiffusionSegLib.checkpoint import load_weights
+
+    return load_weights(backbone.path, kind="backbone")[2].get("extra", {}).get("steps")
 
 
 def _segmenter(model: Path):
@@ -228,7 +242,7 @@ def summarise(row: dict, info: dict, scores: dict) -> dict:
     groups = {g: float(np.nanmean([c["groups"][g] for c in test.values()])) for g in ("big", "medium", "small", "mean")}
     spread = float(np.std([c["groups"]["mean"] for c in test.values()]))
     external = {case: c["dice"] for case, c in scores["external"].items()}
-    return dict(row, cases=info["cases"], steps=info["steps"], train_minutes=info["seconds"]["train"] / 60,
+    return dict(row, backbone_steps=info.get("backbone_steps"), cases=info["cases"], steps=info["steps"], train_minutes=info["seconds"]["train"] / 60,
                 wall_minutes=info["wall_s"] / 60, per_organ=per_organ, groups=groups, mean_spread=spread,
                 external=external, segment_s=float(np.mean([c["segment_s"] for c in test.values()])))  # fmt: skip
 
@@ -246,7 +260,10 @@ def write_report(rows: list[dict]) -> None:
         g = r["groups"]
         organs = " | ".join(f"{r['per_organ'][o]:.3f}" for o in short)
         budget = "–" if r["method"] in FROZEN else f"{r['budget']:g}"
-        lines.append(f"| {METHODS[r['method']][0]} | {r['regime']} | {', '.join(c[-4:] for c in r['cases'])} | "
+        what = METHODS[r["method"]][0]
+        if r.get("backbone_steps") and FROZEN.get(r["method"]) != "random" and r["method"] != "monai_unet":
+            what += f" ({r['backbone_steps']} pretraining steps)"
+        lines.append(f"| {what} | {r['regime']} | {', '.join(c[-4:] for c in r['cases'])} | "
                      f"{budget} | {r['wall_minutes']:.1f} | {r['steps']} | {g['big']:.3f} | {g['medium']:.3f} | "
                      f"{g['small']:.3f} | "
                      f"{g['mean']:.3f} ± {r['mean_spread']:.3f} | {organs} |")  # fmt: skip
@@ -263,6 +280,8 @@ def main() -> int:
     parser.add_argument("--budget-full", type=float, default=40.0, help="minutes per full-regime run (default 40)")
     parser.add_argument("--budget-fewshot", type=float, default=15.0, help="minutes per 2-case run (default 15)")
     parser.add_argument("--backbone", default=str(REPO / "Resources" / "Models" / "backbone_default.safetensors"))
+    parser.add_argument("--tag", default="", help="suffix of the row names (and run folders), e.g. the backbone's "
+                        "pretraining length when --backbone is not the default")  # fmt: skip
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     parser.add_argument("--train-only", action="store_true", help="train (or reuse) the runs, skip evaluation")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")

@@ -35,13 +35,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--backbone", required=True, help="backbone weights (.safetensors from pretraining)")
     add_case_arguments(parser)
     parser.add_argument("-o", "--output", required=True, help="probe file to write (.safetensors)")
-    parser.add_argument("--head", choices=("linear", "nonlinear", "context"), default="nonlinear",
+    parser.add_argument("--head", choices=("linear", "nonlinear", "context"), default=None,
                         help="probe head: linear, nonlinear (1x1x1 decoder) or context (3x3x3 decoder) (default "
                         "nonlinear)")  # fmt: skip
+    parser.add_argument("--quick", action="store_true", help="the quick in-app recipe: context head reading the CT "
+                        "and coordinates, 32 channels, up to 600 steps with early stopping (other options override)")  # fmt: skip
+    parser.add_argument("--reads-input", action="store_true", help="the head also reads the CT's intensity and BPR "
+                        "coordinates next to the frozen features")  # fmt: skip
+    parser.add_argument("--hidden", type=int, help="width of the non-linear heads (default 64)")
+    parser.add_argument("--patience", type=int, help="stop after this many validations without improvement of "
+                        "the held-out loss (default 0: train all --steps)")  # fmt: skip
     parser.add_argument("--timestep", type=int, default=0, help="diffusion step t of the features (default 0)")
     parser.add_argument("--noise-seed", type=int, default=0, help="seed of the fixed noise field (default 0)")
     parser.add_argument("--draws", type=int, default=1, help="noise draws (ensemble at inference; default 1)")
-    parser.add_argument("--steps", type=int, default=300, help="training steps (default 300)")
+    parser.add_argument("--steps", type=int, help="training steps (default 300)")
     parser.add_argument("--patch", type=int, nargs=3, metavar=("D", "H", "W"), help="training patch in working "
                         "voxels (default 32 64 64)")  # fmt: skip
     parser.add_argument("--patches-per-volume", type=int, default=24, help="cached patches per case (default 24)")
@@ -145,10 +152,16 @@ def run(args: argparse.Namespace) -> int:
     from DiffusionSegLib.errors import UserInputError
     from DiffusionSegLib.pretrain.export import load_backbone
     from DiffusionSegLib.probe import ProbeConfig, ProbeTrainingCancelled, fit_probe, save_probe
+    from DiffusionSegLib.probe.config import QUICK_PROBE
 
-    options = {"head": args.head, "timestep": args.timestep, "noise_seed": args.noise_seed,
-               "num_noise_draws": args.draws, "steps": args.steps, "patches_per_volume": args.patches_per_volume,
-               "lr": args.lr, "seed": args.seed, "device": args.device}  # fmt: skip
+    options = dict(QUICK_PROBE) if args.quick else {"head": "nonlinear", "steps": 300}
+    given = {"head": args.head, "steps": args.steps, "hidden_channels": args.hidden, "patience": args.patience}
+    options.update({k: v for k, v in given.items() if v is not None})
+    options.update({"timestep": args.timestep, "noise_seed": args.noise_seed, "num_noise_draws": args.draws,
+                    "patches_per_volume": args.patches_per_volume, "lr": args.lr, "seed": args.seed,
+                    "device": args.device})  # fmt: skip
+    if args.reads_input:
+        options["reads_input"] = True
     if args.patch:
         options["patch_size_vox"] = tuple(args.patch)
     try:

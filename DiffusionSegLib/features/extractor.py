@@ -52,6 +52,7 @@ __all__ = [
     "auto_sw_batch_size",
     "sliding_window_apply",
     "extract_features",
+    "pyramid_channels",
 ]
 
 log = logging.getLogger(__name__)
@@ -79,6 +80,9 @@ class FeatureConfig:
     """Windows per forward pass; 0 chooses from the free memory (see :func:`auto_sw_batch_size`)."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """Where the backbone runs; stitching is always on the CPU."""
+    with_input: bool = False
+    """Append the window's clean input (the scaled image and the BPR coordinates) to the finest pyramid level, so
+    that a head reads intensity and position next to the learned features."""
 
     def __post_init__(self) -> None:
         if self.timestep < 0:
@@ -322,6 +326,7 @@ class FeatureExtractor(nn.Module):
         self.timestep = int(cfg.timestep)
         self.num_coords = (3 if backbone.use_bpr else 0) if num_coords is None else int(num_coords)
         self.num_draws = cfg.num_noise_draws if self.diffusion else 1
+        self.with_input = bool(cfg.with_input)
         self.model.to(memory_format=torch.channels_last_3d)  # weights only: the results do not change
 
     def network_input(self, window: torch.Tensor, draw: int = 0) -> torch.Tensor:
@@ -341,7 +346,20 @@ class FeatureExtractor(nn.Module):
         every level in channels_last_3d layout."""
         x = self.network_input(window, draw).contiguous(memory_format=torch.channels_last_3d)
         t = torch.full((x.shape[0],), self.timestep, device=x.device, dtype=torch.long)
-        return [level.contiguous(memory_format=torch.channels_last_3d) for level in self.model(x, t).pyramid]
+        pyramid = list(self.model(x, t).pyramid)
+        if self.with_input:
+            clean = window[:, : 1 + self.num_coords].to(pyramid[0].dtype)
+            pyramid[0] = torch.cat([pyramid[0], clean], dim=1)
+        return [level.contiguous(memory_format=torch.channels_last_3d) for level in pyramid]
+
+
+def pyramid_channels(backbone_channels: Sequence[int], with_input: bool, num_coords: int) -> list[int]:
+    """Channels per pyramid level that a head reads: the backbone's, plus the image and ``num_coords``
+    coordinate channels on the finest level when ``with_input`` (:attr:`FeatureConfig.with_input`)."""
+    channels = [int(c) for c in backbone_channels]
+    if with_input:
+        channels[0] += 1 + int(num_coords)
+    return channels
 
 
 class PyramidPredictor:

@@ -109,7 +109,8 @@ def load_probe(path: str | os.PathLike, backbone=None) -> TrainedProbe:
         cfg = ProbeConfig.from_dict(config["probe"])
         labels = labels_from_json(config["labels"])
         record = dict(config["backbone"])
-        head = build_head(cfg.head, record["feature_channels"], int(config["num_classes"]), cfg.hidden_channels)
+        channels = cfg.head_channels(record["feature_channels"], bool(record["use_bpr"]))
+        head = build_head(cfg.head, channels, int(config["num_classes"]), cfg.hidden_channels)
         head.load_state_dict(state)
         view = dict(config.get("field_of_view") or {})
         if view and not all(len(r) == 2 and r[0] <= r[1] for r in view["organ_z_mm"].values()):

@@ -353,7 +353,8 @@ def train_head(patch_sets: Sequence[PatchFeatures], labels: Sequence[OrganLabel]
         target.classes.append(patch_sets[v].classes[p])
 
     torch.manual_seed(cfg.seed)
-    head = build_head(cfg.head, backbone.feature_channels, len(labels) + 1, cfg.hidden_channels)
+    head = build_head(cfg.head, cfg.head_channels(backbone.feature_channels, backbone.use_bpr), len(labels) + 1,
+                      cfg.hidden_channels)  # fmt: skip
     head.standardize.fit(train_cache.pyramids)
     head = head.to(device)
     loss_fn = DiceCELoss(to_onehot_y=True, softmax=True, batch=True)  # Dice over the batch: crops lack organs

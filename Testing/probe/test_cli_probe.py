@@ -52,3 +52,21 @@ def test_unknown_organ_is_one_line_error(tmp_path, capsys):
     assert status == 2
     err = capsys.readouterr().err
     assert "liver" in err and len(err.strip().splitlines()) == 1
+
+
+def test_quick_recipe_trains_the_context_head_reading_the_input_and_options_override_it(tmp_path):
+    backbone = make_backbone(tmp_path / "backbone.safetensors")
+    ct = str(data_path("labeled/ircadb1.01_ct.nii.gz"))
+    organs = str(data_path("labeled/ircadb1.01_organs.nii.gz"))
+    legend = str(data_path("labeled/ircadb1.01_legend.json"))
+    probe = tmp_path / "quick.safetensors"
+    status = main(["train-probe", "--quick", "--steps", "10", "--backbone", str(backbone.path), "--case", ct, organs,
+                   "--labels-legend", legend, "--organs", "liver", "--patch", "16", "32", "32",
+                   "--patches-per-volume", "4", "-o", str(probe)])  # fmt: skip
+    assert status == 0
+    recorded = read_probe_config(probe)["probe"]
+    assert (recorded["head"], recorded["reads_input"], recorded["hidden_channels"]) == ("context", True, 32)
+    assert (recorded["patience"], recorded["steps"]) == (8, 10)  # the recipe's early stopping, the given steps
+    out = tmp_path / "seg.nii.gz"
+    assert main(["segment", ct, "--probe", str(probe), "-o", str(out), "--device", "cpu"]) == 0
+    assert sitk.ReadImage(str(out)).GetSize() == sitk.ReadImage(ct).GetSize()

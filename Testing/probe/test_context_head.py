@@ -52,3 +52,22 @@ def test_context_probe_file_records_its_head_and_refuses_another_backbone(tmp_pa
     with pytest.raises(UserInputError, match="backbone"):
         load_probe(path, other)
     assert np.isfinite(probe.best_val_loss)
+
+
+def test_a_head_that_reads_the_input_gets_the_image_and_coordinates_and_its_file_says_so(tmp_path, case, backbone):
+    cfg = ProbeConfig(**dict(CONTEXT, reads_input=True, steps=40))
+    probe = fit_probe([case], [LIVER], backbone, cfg, progress=False)
+    extra = 1 + (3 if backbone.use_bpr else 0)
+    expected = [backbone.feature_channels[0] + extra, *backbone.feature_channels[1:]]
+    assert probe.head.head.feature_channels == expected
+    path = save_probe(tmp_path / "liver.safetensors", probe)
+    assert read_probe_config(path)["probe"]["reads_input"] is True
+    loaded = load_probe(path, backbone)
+    window = [torch.randn(1, c, 8 // 2**i, 16 // 2**i, 16 // 2**i) for i, c in enumerate(expected)]
+    with torch.no_grad():
+        assert torch.equal(loaded.head(window), probe.head.eval()(window))
+    # the intensity channel is read: changing it changes the logits
+    changed = [window[0].clone(), *window[1:]]
+    changed[0][:, backbone.feature_channels[0]] += 1.0
+    with torch.no_grad():
+        assert not torch.allclose(loaded.head(changed), loaded.head(window))

@@ -34,9 +34,10 @@ def bone_case():
     return ct, labels
 
 
-@pytest.mark.parametrize("head", ["linear", "nonlinear", "context"])
+@pytest.mark.parametrize("head", ["linear", "nonlinear", "context", "context+input"])
 def test_training_patch_logits_are_the_logits_segment_computes(head, bone_case, backbone, monkeypatch):
-    cfg = ProbeConfig(head=head, hidden_channels=16, num_noise_draws=2, steps=20, lr=3e-2, patch_size_vox=PATCH,
+    head, reads_input = head.removesuffix("+input"), head.endswith("+input")
+    cfg = ProbeConfig(head=head, reads_input=reads_input, hidden_channels=16, num_noise_draws=2, steps=20, lr=3e-2, patch_size_vox=PATCH,
                       patches_per_volume=4, val_every=10, window_vox=PATCH, overlap=0.0)  # fmt: skip
     probe = fit_probe([bone_case], [BONE], backbone, cfg, progress=False)
 

@@ -83,12 +83,15 @@ def _train_probe(job: dict, report: ProgressCallback, should_stop: Callable[[], 
     from DiffusionSegLib.data.labels import labels_from_names
     from DiffusionSegLib.pretrain.export import load_backbone
     from DiffusionSegLib.probe import ProbeConfig, fit_probe, save_probe
+    from DiffusionSegLib.probe.config import QUICK_PROBE
 
     report(0.0, "loading the backbone")
     backbone = load_backbone(job["backbone"])
     labels = labels_from_names({int(value): name for value, name in job["names"].items()})
     cases = _read_cases(job["cases"], labels)
-    options = {"head": job.get("head", "nonlinear"), "steps": int(job.get("steps", 300)), "device": _device(job)}
+    head = job.get("head", "nonlinear")
+    options = dict(QUICK_PROBE) if head == "context" else {"head": head}  # "context": the quick in-app recipe
+    options.update(steps=int(job.get("steps", 300)), device=_device(job))
     options.update(job.get("probe_options") or {})
     probe = fit_probe(cases, labels, backbone, ProbeConfig(**options), progress=False, progress_callback=report,
                       should_stop=should_stop)  # fmt: skip
