@@ -177,10 +177,10 @@ def train(row: dict, cases_by_id: dict, training: list[str], backbone, args) -> 
 
 
 def backbone_steps(backbone) -> int | None:
-    """Pretraining steps recorded in a backbone file."""
-    from DiffusionSegLib.checkpoint import load_weights
+    """Pretraining steps recorded in a backbone file (from its header; the weights are already loaded)."""
+    from DiffusionSegLib.checkpoint import read_weights_header
 
-    return load_weights(backbone.path, kind="backbone")[2].get("extra", {}).get("steps")
+    return read_weights_header(backbone.path, kind="backbone")[1].get("extra", {}).get("steps")
 
 
 def _segmenter(model: Path):

@@ -155,13 +155,12 @@ def run(args: argparse.Namespace) -> int:
     from DiffusionSegLib.probe.config import QUICK_PROBE
 
     options = dict(QUICK_PROBE) if args.quick else {"head": "nonlinear", "steps": 300}
-    given = {"head": args.head, "steps": args.steps, "hidden_channels": args.hidden, "patience": args.patience}
+    given = {"head": args.head, "steps": args.steps, "hidden_channels": args.hidden, "patience": args.patience,
+             "reads_input": args.reads_input or None}  # fmt: skip
     options.update({k: v for k, v in given.items() if v is not None})
     options.update({"timestep": args.timestep, "noise_seed": args.noise_seed, "num_noise_draws": args.draws,
                     "patches_per_volume": args.patches_per_volume, "lr": args.lr, "seed": args.seed,
                     "device": args.device})  # fmt: skip
-    if args.reads_input:
-        options["reads_input"] = True
     if args.patch:
         options["patch_size_vox"] = tuple(args.patch)
     try:
