@@ -1,16 +1,18 @@
 #!/usr/bin/env bash
 # The paper's comparison at a CPU budget: pretraining methods (diffusion + BPR, diffusion alone, restorative,
-# contrastive, random init) x probes (linear, non-linear), and the timestep ablation (diffusion + BPR with T = 10
+# contrastive, random init) x probes (linear, spatial context), and the timestep ablation (diffusion + BPR with T = 10
 # and each T in $ABLATION_T), every backbone trained with the same config and number of steps
 # (configs/pretrain_default.toml, $STEPS steps each; only the method, the BPR input or T differ).
 # Training is skipped for backbones that exist (an interrupted one resumes); then one `evaluate` run over the
-# 20 shared BTCV cases writes benchmarks/results/method_comparison/report.{md,json} and the ablation plots.
-# Each backbone's results are kept in benchmarks/results/method_comparison/per_backbone (evaluate --reuse): a
+# 20 shared BTCV cases writes benchmarks/results/method_comparison_${STEPS}/report.{md,json} and the ablation plots.
+# Each backbone's results are kept in benchmarks/results/method_comparison_${STEPS}/per_backbone (evaluate --reuse): a
 # rerun evaluates only backbones (or settings) it has not seen, so adding a T to $ABLATION_T costs one backbone.
-# The few-shot regime (phase `fewshot`, part of `all`): the five methods' T = 10 backbones, non-linear probes trained
-# on 1, 2 and 5 labeled cases, 3 other cases tested per size -> benchmarks/results/method_comparison_fewshot.
+# The few-shot regime (phase `fewshot`, part of `all`): the five methods' T = 10 backbones, context probes trained
+# on 1, 2 and 5 labeled cases, 3 other cases tested per size -> benchmarks/results/method_comparison_fewshot_${STEPS}.
 #   bash benchmarks/method_comparison.sh [PYTHON] [train|evaluate|fewshot|all]
-#   STEPS=1000 ABLATION_T="100 1000" bash benchmarks/method_comparison.sh .venv/bin/python
+#   STEPS=4000 ABLATION_T="100 1000" bash benchmarks/method_comparison.sh .venv/bin/python
+# Results go to benchmarks/results/method_comparison_${STEPS} (and _fewshot_${STEPS}); the folders without a step
+# count hold the first run (1000 steps; linear and 1x1x1 non-linear heads, 100 probe steps).
 # BPR=FILE pretrains the BPR backbones with that BPR (default: the shipped default); the recorded results were
 # made with BPR=Resources/Models/bpr_patch_v1.safetensors, the default until 2026-11-30.
 set -euo pipefail
@@ -18,10 +20,12 @@ cd "$(dirname "$0")/.."
 PY=${1:-.venv/bin/python}
 PHASE=${2:-all}
 DATA=${DIFFUSIONSEG_DATA:-../shared/data}
-STEPS=${STEPS:-1000}
+STEPS=${STEPS:-4000}
 ABLATION_T=${ABLATION_T:-100 1000}
-RUNS=runs/comparison_${STEPS}
+RUNS=${RUNS:-benchmarks/results/method_comparison_${STEPS}/backbones}  # committed: a later session reuses or resumes them
 BPR=${BPR:-}
+OUT=benchmarks/results/method_comparison_${STEPS}
+HEADS=${HEADS:-linear context}
 
 train() {  # train NAME [pretrain overrides...]
     local name=$1; shift
@@ -50,17 +54,18 @@ BACKBONES=("${METHODS[@]}")  # + the ablation's T
 for T in $ABLATION_T; do
     BACKBONES+=(--backbone "diffusion + BPR (T $T)=$RUNS/diffusion_bpr_T$T/backbone.safetensors")
 done
-# CPU-sized probe protocol (about 7 min per backbone on 2 cores): 1 test case per fold, 8 patches per training
-# case, 100 probe steps, a 32-channel non-linear head. With a GPU, drop --max-test-cases and the --probe.* options
-# for the full protocol.
-PROBE=(--probe.steps 100 --probe.patches_per_volume 8 --probe.val_every 50 --probe.hidden_channels 32
-       --probe.window_vox "[48,128,128]")
+# CPU-sized probe protocol: 1 test case per fold, 8 patches per training case; heads: the 1x1x1 linear map and
+# the spatial-context head (3x3x3 blocks, 32 channels), each stopped when its held-out loss has not improved for
+# 8 validations (at most 600 steps). The heads read the frozen pyramid only (no CT or coordinates next to it), so
+# the rows compare the features. With a GPU, drop --max-test-cases and --probe.patches_per_volume.
+PROBE=(--probe.steps 600 --probe.patience 8 --probe.val_every 25 --probe.patches_per_volume 8
+       --probe.hidden_channels 32 --probe.window_vox "[48,128,128]")
 if [ "$PHASE" != fewshot ]; then
     "$PY" -m DiffusionSegLib.cli evaluate --data "$DATA/btcv" --regime kfold --folds 5 --max-test-cases 1 \
-        --largest-component --heads linear nonlinear --reuse "${BACKBONES[@]}" "${PROBE[@]}" \
-        -o benchmarks/results/method_comparison
+        --largest-component --heads $HEADS --reuse "${BACKBONES[@]}" "${PROBE[@]}" \
+        -o "$OUT"
 fi
 [ "$PHASE" = evaluate ] && exit 0
 "$PY" -m DiffusionSegLib.cli evaluate --data "$DATA/btcv" --regime fewshot --shots 1 2 5 --max-test-cases 3 \
-    --largest-component --heads nonlinear --reuse "${METHODS[@]}" "${PROBE[@]}" \
-    -o benchmarks/results/method_comparison_fewshot
+    --largest-component --heads context --reuse "${METHODS[@]}" "${PROBE[@]}" \
+    -o "${OUT/method_comparison/method_comparison_fewshot}"

@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import SimpleITK as sitk
-from helpers import data_path, tilted
+from helpers import data_path, dice, tilted
 
 from DiffusionSegLib.data.volume import read_volume
 from DiffusionSegLib.preprocess import PreprocessConfig, prepare_volume, to_axis_aligned
@@ -32,6 +32,29 @@ def test_an_oblique_grid_is_worked_on_axis_aligned_and_inverted_exactly():
     assert aligned.GetPixel(aligned.TransformPhysicalPointToIndex(point)) == pytest.approx(original, abs=60)
 
 
+def _on_original_grid(result, moved, ct):
+    """``(labels, coordinates, inside)``: a segmentation of ``moved`` (``ct`` on another grid) brought back onto
+    ``ct``'s grid, and where ``moved``'s grid covers it (away from its border)."""
+    footprint = sitk.Image(moved.GetSize(), sitk.sitkUInt8) + 1
+    footprint.CopyInformation(moved)
+    covered = sitk.Resample(footprint, ct, sitk.Transform(), sitk.sitkNearestNeighbor, 0)
+    inside = sitk.GetArrayFromImage(sitk.BinaryErode(covered, [3, 3, 3])) > 0
+    labels = sitk.GetArrayFromImage(sitk.Resample(result.labels, ct, sitk.Transform(), sitk.sitkNearestNeighbor, 0))
+    coords = None
+    if result.coordinates is not None:
+        coords = sitk.GetArrayFromImage(sitk.Resample(result.coordinates, ct, sitk.Transform(), sitk.sitkLinear, 0.0))
+    return labels, coords, inside
+
+
+def _half_voxel_shifted(ct):
+    """``ct`` resampled (cubic B-spline, as ``tilted``) onto its own grid moved by half a voxel along every axis:
+    no rotation, only the resampling that any change of grid costs."""
+    grid = sitk.Image(ct.GetSize(), sitk.sitkUInt8)
+    grid.CopyInformation(ct)
+    grid.SetOrigin(tuple(np.asarray(ct.GetOrigin()) + 0.5 * np.asarray(ct.GetSpacing())))
+    return sitk.Resample(ct, grid, sitk.Transform(), sitk.sitkBSpline, -1024.0, ct.GetPixelID())
+
+
 def test_tilted_ct_gets_the_same_coordinates_at_the_same_points():
     ct = read_volume(data_path(SMALL_CT))
     oblique = tilted(ct)
@@ -42,25 +65,31 @@ def test_tilted_ct_gets_the_same_coordinates_at_the_same_points():
     result = segment(oblique, probe, backbone, largest_component=True, coordinates=True)
     assert result.labels.GetSize() == oblique.GetSize() and result.labels.GetDirection() == oblique.GetDirection()
 
-    # compare on the original grid, where the tilted grid covers it (away from its border)
-    footprint = sitk.Image(oblique.GetSize(), sitk.sitkUInt8) + 1
-    footprint.CopyInformation(oblique)
-    covered = sitk.Resample(footprint, ct, sitk.Transform(), sitk.sitkNearestNeighbor, 0)
-    inside = sitk.GetArrayFromImage(sitk.BinaryErode(covered, [3, 3, 3])) > 0
-    body = sitk.GetArrayFromImage(ct) > -300
-    labels_back = sitk.GetArrayFromImage(sitk.Resample(result.labels, ct, sitk.Transform(), sitk.sitkNearestNeighbor, 0))
-    coords_back = sitk.GetArrayFromImage(sitk.Resample(result.coordinates, ct, sitk.Transform(), sitk.sitkLinear, 0.0))
+    labels_back, coords_back, inside = _on_original_grid(result, oblique, ct)
     labels_ref = sitk.GetArrayFromImage(reference.labels)
     coords_ref = sitk.GetArrayFromImage(reference.coordinates)
-
-    where = inside & body
+    where = inside & (sitk.GetArrayFromImage(ct) > -300)
     distance = np.linalg.norm(coords_back[where] - coords_ref[where], axis=-1)
     assert float(np.median(distance)) < 5.0, np.percentile(distance, [50, 90])
     # organ labels at matched points (shipped default model, B-spline tilt: measured liver 0.957, spleen 0.956,
     # 0.893 of the labelled voxels agreeing; the bounds leave room for other CPUs' rounding)
     foreground = inside & ((labels_ref > 0) | (labels_back > 0))
     assert float(np.mean(labels_back[foreground] == labels_ref[foreground])) > 0.86
+    tilted_dice = {o.name: dice((labels_ref == o.value) & inside, (labels_back == o.value) & inside)
+                   for o in probe.labels}  # fmt: skip
     for organ in ("liver", "spleen"):
-        value = next(o.value for o in probe.labels if o.name == organ)
-        a, b = (labels_ref == value) & inside, (labels_back == value) & inside
-        assert 2 * np.count_nonzero(a & b) / (np.count_nonzero(a) + np.count_nonzero(b)) > 0.945, organ
+        assert tilted_dice[organ] > 0.945, (organ, tilted_dice)
+
+    # The rotation costs nothing beyond a change of grid: every organ agrees with the original at least as well
+    # as on the same CT moved by half a voxel without rotation (measured with the shipped default: tilted /
+    # shifted kidneys 0.905 / 0.863 and 0.928 / 0.902, IVC 0.866 / 0.768, right adrenal 0.663 / 0.419; worked on
+    # the tilted grid itself instead of an axis-aligned one: right kidney 0.668, IVC 0.642, right adrenal 0.0).
+    shifted = _half_voxel_shifted(ct)
+    shifted_back, _, shifted_inside = _on_original_grid(segment(shifted, probe, backbone, largest_component=True),
+                                                        shifted, ct)  # fmt: skip
+    for organ in probe.labels:
+        a = (labels_ref == organ.value) & inside & shifted_inside
+        if np.count_nonzero(a) < 50:  # not in the scan (or a few voxels at its border)
+            continue
+        shifted_dice = dice(a, (shifted_back == organ.value) & inside & shifted_inside)
+        assert tilted_dice[organ.name] >= shifted_dice - 0.03, (organ.name, tilted_dice[organ.name], shifted_dice)
