@@ -25,6 +25,7 @@ ABLATION_T=${ABLATION_T:-100 1000}
 RUNS=${RUNS:-benchmarks/results/method_comparison_${STEPS}/backbones}  # committed: a later session reuses or resumes them
 BPR=${BPR:-}
 OUT=benchmarks/results/method_comparison_${STEPS}
+FEWSHOT_OUT=benchmarks/results/method_comparison_fewshot_${STEPS}
 HEADS=${HEADS:-linear context}
 
 train() {  # train NAME [pretrain overrides...]
@@ -68,4 +69,4 @@ fi
 [ "$PHASE" = evaluate ] && exit 0
 "$PY" -m DiffusionSegLib.cli evaluate --data "$DATA/btcv" --regime fewshot --shots 1 2 5 --max-test-cases 3 \
     --largest-component --heads context --reuse "${METHODS[@]}" "${PROBE[@]}" \
-    -o "${OUT/method_comparison/method_comparison_fewshot}"
+    -o "$FEWSHOT_OUT"

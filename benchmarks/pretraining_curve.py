@@ -28,6 +28,11 @@ FAMILIES = {"frozen_context": "frozen context probe", "frozen_context_random": "
             "pretrained": "fine-tuned", "random": "fine-tuned"}  # fmt: skip
 
 
+def _pretraining_steps(row: dict) -> int | None:
+    """The row's backbone pretraining steps; 0 for the random-init rows."""
+    return 0 if row["method"] in ("frozen_context_random", "random") else row.get("backbone_steps")
+
+
 def points(rows: list[dict]) -> dict[tuple[str, str], list[tuple[int, float, str]]]:
     """(family, regime/draw) -> [(pretraining steps, mean Dice, row name)], sorted by steps."""
     curves: dict[tuple[str, str], list[tuple[int, float, str]]] = defaultdict(list)
@@ -35,8 +40,7 @@ def points(rows: list[dict]) -> dict[tuple[str, str], list[tuple[int, float, str
         family = FAMILIES.get(row["method"])
         if family is None:
             continue
-        random_init = row["method"] in ("frozen_context_random", "random")
-        steps = 0 if random_init else row.get("backbone_steps")
+        steps = _pretraining_steps(row)
         if steps is None:
             continue
         setting = row["regime"] if row["regime"] == "full" else f"2 cases, draw {row['draw']}"
@@ -59,8 +63,8 @@ def learning_curves(rows: list[dict]) -> dict[str, list[tuple[float, float]]]:
             continue
         history = json.loads(train.read_text())["history"]
         values = [(h["minutes"], h["val_dice"]) for h in history if _measured(h.get("val_dice"))]
-        steps = 0 if row["method"] == "random" else row.get("backbone_steps")
-        curves[f"{steps} pretraining steps ({row['name']})"] = values
+        if values:
+            curves[f"{_pretraining_steps(row)} pretraining steps ({row['name']})"] = values
     return curves
 
 
