@@ -96,11 +96,14 @@ def _baseline_key(row: dict, cases: list[str]) -> dict:
 
 def probe_config(row: dict, device: str):
     """Few-shot rows: the quick in-app probe (``QUICK_PROBE``); the 15-case row: the same head 64 wide, with up to
-    3000 steps (15 cases give 360 cached patches), both stopped by their held-out loss."""
+    3000 steps (15 cases give 360 cached patches) and two tenfold learning-rate drops at plateaus of the held-out
+    loss (it was still falling when the first plateau stopped the constant rate); both stopped by their held-out
+    loss."""
     from DiffusionSegLib.probe import ProbeConfig
     from DiffusionSegLib.probe.config import QUICK_PROBE
 
-    options = dict(QUICK_PROBE) if row["regime"] == "fewshot" else dict(QUICK_PROBE, hidden_channels=64, steps=3000)
+    full = dict(QUICK_PROBE, hidden_channels=64, steps=3000, lr_drops=2)
+    options = dict(QUICK_PROBE) if row["regime"] == "fewshot" else full
     return ProbeConfig(**options, seed=row["draw"], device=device, val_volumes=1 if row["regime"] == "full" else 0)
 
 

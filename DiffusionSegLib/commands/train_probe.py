@@ -45,6 +45,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--hidden", type=int, help="width of the non-linear heads (default 64)")
     parser.add_argument("--patience", type=int, help="stop after this many validations without improvement of "
                         "the held-out loss (default 0: train all --steps)")  # fmt: skip
+    parser.add_argument("--lr-drops", type=int, help="on such a plateau, return to the best head and divide the "
+                        "learning rate by 10, up to this many times, before stopping (default 0)")  # fmt: skip
     parser.add_argument("--timestep", type=int, default=0, help="diffusion step t of the features (default 0)")
     parser.add_argument("--noise-seed", type=int, default=0, help="seed of the fixed noise field (default 0)")
     parser.add_argument("--draws", type=int, default=1, help="noise draws (ensemble at inference; default 1)")
@@ -156,7 +158,7 @@ def run(args: argparse.Namespace) -> int:
 
     options = dict(QUICK_PROBE) if args.quick else {"head": "nonlinear", "steps": 300}
     given = {"head": args.head, "steps": args.steps, "hidden_channels": args.hidden, "patience": args.patience,
-             "reads_input": args.reads_input or None}  # fmt: skip
+             "lr_drops": args.lr_drops, "reads_input": args.reads_input or None}  # fmt: skip
     options.update({k: v for k, v in given.items() if v is not None})
     options.update({"timestep": args.timestep, "noise_seed": args.noise_seed, "num_noise_draws": args.draws,
                     "patches_per_volume": args.patches_per_volume, "lr": args.lr, "seed": args.seed,

@@ -361,6 +361,7 @@ def train_head(patch_sets: Sequence[PatchFeatures], labels: Sequence[OrganLabel]
     optimiser = torch.optim.AdamW(head.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     probe = TrainedProbe(head, cfg, labels, backbone_record(backbone))
     best_state, best_loss, since_best, losses = copy.deepcopy(head.state_dict()), float("inf"), 0, []
+    drops_left = cfg.lr_drops
     started = time.perf_counter()
     bar = tqdm(range(1, cfg.steps + 1), desc="probe", disable=not progress, leave=False)
     for step in bar:
@@ -380,15 +381,24 @@ def train_head(patch_sets: Sequence[PatchFeatures], labels: Sequence[OrganLabel]
         if step % cfg.val_every == 0 or step == cfg.steps:
             val_loss = _validate(head, val_cache if len(val_cache) else train_cache, loss_fn, device, cfg.batch_size)
             train_loss = float(np.mean(losses[-cfg.val_every :]))
-            probe.history.append({"step": step, "train_loss": train_loss, "val_loss": val_loss})
+            probe.history.append({"step": step, "train_loss": train_loss, "val_loss": val_loss,
+                                  "lr": optimiser.param_groups[0]["lr"]})  # fmt: skip
             if val_loss < best_loss:
                 best_state, best_loss, probe.best_step, since_best = copy.deepcopy(head.state_dict()), val_loss, step, 0
             else:
                 since_best += 1
             bar.set_postfix(loss=f"{train_loss:.3f}", val=f"{val_loss:.3f}")
             if cfg.patience and since_best >= cfg.patience:
-                log.info("probe: no improvement in %d validations; stopping at step %d", since_best, step)
-                break
+                if drops_left:
+                    drops_left, since_best = drops_left - 1, 0
+                    head.load_state_dict(best_state)
+                    for group in optimiser.param_groups:
+                        group["lr"] *= 0.1
+                    log.info("probe: no improvement in %d validations; back to step %d at learning rate %.2g",
+                             cfg.patience, probe.best_step, optimiser.param_groups[0]["lr"])  # fmt: skip
+                else:
+                    log.info("probe: no improvement in %d validations; stopping at step %d", since_best, step)
+                    break
         report(step / max(cfg.steps, 1), f"training step {step}/{cfg.steps} (loss {losses[-1]:.3f})")
     bar.close()
     if probe.cancelled and losses and (not probe.history or probe.history[-1]["step"] != len(losses)):

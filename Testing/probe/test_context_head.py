@@ -71,3 +71,18 @@ def test_a_head_that_reads_the_input_gets_the_image_and_coordinates_and_its_file
     changed[0][:, backbone.feature_channels[0]] += 1.0
     with torch.no_grad():
         assert not torch.allclose(loaded.head(changed), loaded.head(window))
+
+
+def test_a_plateau_lowers_the_learning_rate_from_the_best_head_before_stopping(case, backbone):
+    plateau = dict(CONTEXT, steps=160, val_every=10, patience=1)
+    stops = fit_probe([case], [LIVER], backbone, ProbeConfig(**plateau), progress=False)
+    drops = fit_probe([case], [LIVER], backbone, ProbeConfig(**plateau, lr_drops=1), progress=False)
+    first_plateau = stops.history[-1]["step"]
+    assert first_plateau < plateau["steps"], stops.history  # patience 1 stops the constant rate early
+    rates = [h["lr"] for h in drops.history]
+    at_plateau = [h["step"] for h in drops.history].index(first_plateau)
+    assert drops.history[: at_plateau + 1] == stops.history  # the same run up to the plateau ...
+    assert rates[: at_plateau + 1] == [CONTEXT["lr"]] * (at_plateau + 1)
+    assert len(rates) > at_plateau + 1 and rates[at_plateau + 1] == pytest.approx(CONTEXT["lr"] / 10)  # ... then on
+    assert drops.best_val_loss <= stops.best_val_loss
+    assert "lr_drops" not in ProbeConfig(**plateau).to_dict() and ProbeConfig(**plateau, lr_drops=1).to_dict()["lr_drops"] == 1
