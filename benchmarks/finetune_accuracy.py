@@ -102,8 +102,9 @@ def probe_config(row: dict, device: str):
     from DiffusionSegLib.probe import ProbeConfig
     from DiffusionSegLib.probe.config import QUICK_PROBE
 
-    full = dict(QUICK_PROBE, hidden_channels=64, steps=3000, lr_drops=2)
-    options = dict(QUICK_PROBE) if row["regime"] == "fewshot" else full
+    options = dict(QUICK_PROBE)
+    if row["regime"] == "full":
+        options.update(hidden_channels=64, steps=3000, lr_drops=2)
     return ProbeConfig(**options, seed=row["draw"], device=device, val_volumes=1 if row["regime"] == "full" else 0)
 
 

@@ -94,8 +94,7 @@ class ProbeConfig:
                 raise ValueError(f"{name} {getattr(self, name)} must be a positive integer")
         if self.steps < 0 or self.patience < 0 or self.lr_drops < 0 or self.val_volumes < 0 or self.timestep < 0:
             raise ValueError(f"steps {self.steps}, patience {self.patience}, lr_drops {self.lr_drops}, val_volumes "
-                             f"{self.val_volumes} and "
-                             f"timestep {self.timestep} must not be negative")  # fmt: skip
+                             f"{self.val_volumes} and timestep {self.timestep} must not be negative")  # fmt: skip
         if not 0.0 <= self.val_fraction < 1.0:
             raise ValueError(f"val_fraction {self.val_fraction} is outside [0, 1)")
         if self.lr <= 0:
