@@ -45,6 +45,11 @@ METHODS = {  # row name: (what it is, FinetuneConfig fields)
     "pretrained": ("fine-tuned from diffusion + BPR pretraining", {"init": "pretrained"}),
     "pretrained_nocoords": ("fine-tuned from diffusion + BPR pretraining, coordinates off",
                             {"init": "pretrained", "use_coordinates": False}),
+    "pretrained_ema": ("fine-tuned from diffusion + BPR pretraining, weights averaged (EMA 0.995)",
+                       {"init": "pretrained", "ema_decay": 0.995}),
+    "pretrained_ema_slow_backbone": (
+        "fine-tuned from diffusion + BPR pretraining, EMA 0.995, backbone at 0.1x the head's learning rate",
+        {"init": "pretrained", "ema_decay": 0.995, "backbone_lr_scale": 0.1}),
     "random": ("our network, random init, fine-tuned", {"init": "random"}),
     "monai_unet": ("MONAI UNet from scratch (DESIGN.md §2 recipe)", None),
     "frozen_context": ("frozen probe (context head + CT and coordinates) on the diffusion + BPR backbone", None),

@@ -36,6 +36,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "voxels (default 64 64 64)")  # fmt: skip
     parser.add_argument("--batch-size", type=int, default=2, help="patches per step (default 2)")
     parser.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (default 1e-3)")
+    parser.add_argument("--backbone-lr-scale", type=float, default=1.0, help="backbone learning rate as a share "
+                        "of the head's (default 1)")  # fmt: skip
+    parser.add_argument("--ema-decay", type=float, default=0.0, help="moving average of the weights, validated and "
+                        "written in their place (e.g. 0.995; default 0: off)")  # fmt: skip
     parser.add_argument("--val-volumes", type=int, default=1, help="cases held out to choose the checkpoint "
                         "(default 1; used with 3 or more cases)")  # fmt: skip
     parser.add_argument("--val-every", type=int, default=100, help="steps between validations (default 100)")
@@ -59,7 +63,8 @@ def run(args: argparse.Namespace) -> int:
     options = {"init": args.init, "budget_minutes": args.minutes, "steps": args.steps, "batch_size": args.batch_size,
                "lr": args.lr, "val_volumes": args.val_volumes, "val_every": args.val_every,
                "checkpoint_every": args.checkpoint_every, "seed": args.seed, "device": args.device,
-               "precision": args.precision}  # fmt: skip
+               "precision": args.precision, "backbone_lr_scale": args.backbone_lr_scale,
+               "ema_decay": args.ema_decay}  # fmt: skip
     if args.spacing:
         options["spacing_mm"] = tuple(args.spacing)
     if args.patch:

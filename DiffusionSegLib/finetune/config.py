@@ -10,6 +10,8 @@ from DiffusionSegLib.config import config_from_dict, config_to_dict
 __all__ = ["FinetuneConfig", "INITS"]
 
 INITS = ("pretrained", "random")
+NEW_FIELD_DEFAULTS = {"backbone_lr_scale": 1.0, "ema_decay": 0.0}
+"""Fields added after runs were recorded: left out of ``to_dict`` at these values."""
 
 
 @dataclass
@@ -37,6 +39,12 @@ class FinetuneConfig:
     """Linear warm-up steps."""
     weight_decay: float = 1e-5
     """AdamW weight decay."""
+    backbone_lr_scale: float = 1.0
+    """The backbone's learning rate as a share of the head's (1: one rate for all; below 1 keeps the pretrained
+    weights closer to where pretraining left them)."""
+    ema_decay: float = 0.0
+    """Exponential moving average of the weights (0: off). Validation, the kept checkpoint and the written model
+    use the average; its decay warms up as min(ema_decay, (1 + n) / (10 + n)) over the first n updates."""
     rotate_deg: float = 15.0
     """Random rotation about each axis, uniform in [-rotate_deg, rotate_deg] (0: none). No flips: kidneys and
     adrenals are sided."""
@@ -130,11 +138,18 @@ class FinetuneConfig:
         if self.lr <= 0 or not 0 <= self.augment_probability <= 1 or not 0 <= self.overlap < 1:
             raise ValueError(f"lr {self.lr} must be positive, augment_probability {self.augment_probability} in "
                              f"[0, 1] and overlap {self.overlap} in [0, 1)")  # fmt: skip
+        if not 0 <= self.ema_decay < 1 or self.backbone_lr_scale <= 0:
+            raise ValueError(f"ema_decay {self.ema_decay} must lie in [0, 1) and backbone_lr_scale "
+                             f"{self.backbone_lr_scale} must be positive")  # fmt: skip
         if not 0 <= self.scale < 1 or self.rotate_deg < 0 or self.intensity_scale < 0 or self.intensity_shift < 0:
             raise ValueError("scale must lie in [0, 1); rotate_deg and the intensity ranges must not be negative")
 
     def to_dict(self) -> dict:
-        return config_to_dict(self)
+        data = config_to_dict(self)
+        for name, default in NEW_FIELD_DEFAULTS.items():  # at its default, runs recorded before it compare equal
+            if data[name] == default:
+                del data[name]
+        return data
 
     @classmethod
     def from_dict(cls, data: dict) -> FinetuneConfig:

@@ -12,6 +12,8 @@ The recipe a segmentation engineer expects (nnU-Net / MONAI style):
   spent, validations included; training stops when it is spent);
 * the forward pass in bfloat16 where the hardware computes it natively (``FinetuneConfig.precision``; weights,
   optimiser and loss in float32): on 2 AMX cores 0.73 s per step against 1.27 s in float32;
+* optionally a lower learning rate for the backbone than for the head, and an exponential moving average of the
+  weights that is validated, kept and written in place of the raw weights (``backbone_lr_scale``, ``ema_decay``);
 * the checkpoint with the best mean Dice on held-out volumes (whole-volume sliding windows) is kept;
 * a resumable snapshot (``last.pt``) every ``checkpoint_every`` steps and on cancel; running again resumes at
   the saved step with the same RNG state, so the resumed run equals the uninterrupted one.
@@ -183,12 +185,37 @@ def _validate(network: SegmentationNetwork, volumes, cfg: FinetuneConfig, device
     return float(np.mean(means))
 
 
-def _state(network, optimiser, step, planned, best, history, losses, rng, elapsed, cfg, names) -> dict:
+def _weight_average(network: nn.Module, cfg: FinetuneConfig):
+    """The exponential moving average of ``network``'s weights and buffers (``cfg.ema_decay``; None when off)."""
+    if not cfg.ema_decay:
+        return None
+    from torch.optim.swa_utils import AveragedModel
+
+    def average(averaged: torch.Tensor, current: torch.Tensor, updates: torch.Tensor) -> torch.Tensor:
+        if not averaged.is_floating_point():  # counters (BatchNorm's num_batches_tracked): the current value
+            return current
+        decay = min(cfg.ema_decay, (1.0 + float(updates)) / (10.0 + float(updates)))
+        return averaged * decay + current * (1.0 - decay)
+
+    return AveragedModel(network, avg_fn=average, use_buffers=True)
+
+
+def _parameter_groups(network: SegmentationNetwork, cfg: FinetuneConfig) -> list[dict]:
+    """The head at the peak rate, the backbone at ``backbone_lr_scale`` of it (one group when that is 1)."""
+    if cfg.backbone_lr_scale == 1.0:
+        return [{"params": list(network.parameters()), "lr_scale": 1.0}]
+    head = list(network.head.parameters())
+    head_ids = {id(p) for p in head}
+    rest = [p for p in network.parameters() if id(p) not in head_ids]
+    return [{"params": head, "lr_scale": 1.0}, {"params": rest, "lr_scale": cfg.backbone_lr_scale}]
+
+
+def _state(network, optimiser, step, planned, best, history, losses, rng, elapsed, cfg, names, average) -> dict:
     return {"network": network.state_dict(), "optimiser": optimiser.state_dict(), "step": step,
             "planned_steps": planned, "best": best, "history": history, "losses": losses[-50:],
             "rng": rng.bit_generator.state,
             "torch_rng": torch.get_rng_state(), "elapsed_s": elapsed, "config": cfg.to_dict(),
-            "cases": list(names)}  # fmt: skip
+            "cases": list(names), "average": average.state_dict() if average is not None else None}  # fmt: skip
 
 
 def finetune(cases: Sequence[tuple[sitk.Image, sitk.Image]], labels: Sequence[OrganLabel], backbone,
@@ -268,7 +295,9 @@ def finetune(cases: Sequence[tuple[sitk.Image, sitk.Image]], labels: Sequence[Or
     head = build_head("linear", trainable.feature_channels, len(labels) + 1)
     network = SegmentationNetwork(trainable, head, cfg.timestep).to(device)
     network.train()
-    optimiser = torch.optim.AdamW(network.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    optimiser = torch.optim.AdamW(_parameter_groups(network, cfg), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    average = _weight_average(network, cfg)
+    evaluated = average.module if average is not None else network  # what is validated, kept and written
     loss_fn = DiceCELoss(to_onehot_y=True, softmax=True, batch=True)
     autocast = autocast_context(cfg.precision, device)  # resolved once, re-entered every step
     augment = PatchAugment(cfg, trainable.pretrain.data.window_hu, len(labels) + 1)
@@ -279,6 +308,8 @@ def finetune(cases: Sequence[tuple[sitk.Image, sitk.Image]], labels: Sequence[Or
     if state is not None:
         network.load_state_dict(state["network"])
         optimiser.load_state_dict(state["optimiser"])
+        if average is not None:
+            average.load_state_dict(state["average"])
         step, planned, best, history = state["step"], state["planned_steps"], state["best"], state["history"]
         losses = list(state["losses"])
         rng.bit_generator.state = state["rng"]
@@ -289,7 +320,7 @@ def finetune(cases: Sequence[tuple[sitk.Image, sitk.Image]], labels: Sequence[Or
     def save_snapshot() -> None:
         if snapshot is not None:
             save_training_state(snapshot, _state(network, optimiser, step, planned, best, history, losses, rng,
-                                                 elapsed, cfg, names))  # fmt: skip
+                                                 elapsed, cfg, names, average))  # fmt: skip
 
     budget_s = cfg.budget_minutes * 60.0
     bar = tqdm(total=planned or None, initial=step, desc="fine-tune", disable=not progress, leave=False)
@@ -305,8 +336,9 @@ def finetune(cases: Sequence[tuple[sitk.Image, sitk.Image]], labels: Sequence[Or
             cancelled = True
             break
         started = time.perf_counter()
+        peak_share = learning_rate_at(step + 1, planned, cfg, elapsed / budget_s if budget_s else None)
         for group in optimiser.param_groups:
-            group["lr"] = learning_rate_at(step + 1, planned, cfg, elapsed / budget_s if budget_s else None)
+            group["lr"] = peak_share * group["lr_scale"]
         batch = [augment(train_volumes[int(rng.integers(len(train_volumes)))], rng) for _ in range(cfg.batch_size)]
         windows = torch.stack([b[0] for b in batch]).to(device)
         targets = torch.stack([b[1] for b in batch]).to(device)
@@ -316,13 +348,15 @@ def finetune(cases: Sequence[tuple[sitk.Image, sitk.Image]], labels: Sequence[Or
         optimiser.zero_grad(set_to_none=True)
         loss.backward()
         optimiser.step()
+        if average is not None:
+            average.update_parameters(network)
         step += 1
         losses.append(float(loss.detach()))
         elapsed += time.perf_counter() - started
         last = finished()
         if step % cfg.val_every == 0 or last:
             val_start = time.perf_counter()
-            score = (_validate(network, val_volumes, cfg, device, len(labels) + 1, autocast) if val_volumes
+            score = (_validate(evaluated, val_volumes, cfg, device, len(labels) + 1, autocast) if val_volumes
                      else float("nan"))
             elapsed += time.perf_counter() - val_start
             record = {"step": step, "minutes": round(elapsed / 60.0, 3), "train_loss": float(np.mean(losses[-50:])),
@@ -330,7 +364,7 @@ def finetune(cases: Sequence[tuple[sitk.Image, sitk.Image]], labels: Sequence[Or
             history.append(record)
             bar.set_postfix(loss=f"{record['train_loss']:.3f}", val=f"{score:.3f}")
             if val_volumes and score > best["score"]:
-                best = {"score": score, "step": step, "network": copy.deepcopy(network.state_dict())}
+                best = {"score": score, "step": step, "network": copy.deepcopy(evaluated.state_dict())}
         if budget_s:  # the step count the budget will allow at this process's rate (for progress only)
             rate = (elapsed - start[1]) / max(step - start[0], 1)
             estimate = step if last else step + max(int((budget_s - elapsed) / max(rate, 1e-6)), 1)
@@ -349,15 +383,17 @@ def finetune(cases: Sequence[tuple[sitk.Image, sitk.Image]], labels: Sequence[Or
     timings["train"] = elapsed
     if val_volumes and best["network"] is not None:
         if not history or history[-1]["step"] != step:  # cancelled between validations: score the latest too
-            score = _validate(network, val_volumes, cfg, device, len(labels) + 1, autocast)
+            score = _validate(evaluated, val_volumes, cfg, device, len(labels) + 1, autocast)
             history.append({"step": step, "minutes": round(elapsed / 60.0, 3),
                             "train_loss": float(np.mean(losses[-50:])) if losses else float("nan"),
                             "val_dice": score, "lr": optimiser.param_groups[0]["lr"]})  # fmt: skip
             if score > best["score"]:
-                best = {"score": score, "step": step, "network": copy.deepcopy(network.state_dict())}
+                best = {"score": score, "step": step, "network": copy.deepcopy(evaluated.state_dict())}
         network.load_state_dict(best["network"])
         best_step = best["step"]
     else:
+        if average is not None:
+            network.load_state_dict(average.module.state_dict())
         best_step = step
     return _write(network, trainable, backbone, labels, cfg, output, history, step, planned, best_step, cancelled,
                   names, timings, record_field_of_view(cases, labels))

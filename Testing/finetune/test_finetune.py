@@ -131,3 +131,72 @@ def test_finetune_command_writes_a_model_that_segment_uses(case, backbone, tmp_p
     bad = main(["finetune", "--backbone", str(backbone.path), "--case", ct, organs, "--labels-legend", legend,
                 "--organs", "liver", "--patch", "30", "32", "32", "-o", str(tmp_path / "bad.safetensors")])  # fmt: skip
     assert bad == 2 and not (tmp_path / "bad.safetensors").exists()
+
+
+def _weights(result) -> dict:
+    return {k: v.clone() for k, v in result.backbone.model.state_dict().items()}
+
+
+def test_weight_average_is_what_gets_written_and_resumes_exactly(case, backbone, tmp_path):
+    """The model written with ``ema_decay`` is the moving average of the raw weights of each step (read from a run
+    without it, stopped after every step), with the warm-up decay min(d, (1 + n) / (10 + n))."""
+    raw_cfg = FinetuneConfig(**TINY, steps=3)
+    raw = []
+    for _ in range(3):  # each run resumes the snapshot, trains one step and writes the raw weights
+        counter = StepCounter()
+        part = finetune([case], [LIVER], backbone, tmp_path / "raw.safetensors", raw_cfg, run_dir=tmp_path / "raw",
+                        progress=False, progress_callback=counter,
+                        should_stop=lambda counter=counter: counter.done >= 1)  # fmt: skip
+        raw.append(_weights(part))
+    assert part.steps == 3
+    decay = 0.9
+    expected = raw[0]
+    for n, current in enumerate(raw[1:], start=1):
+        d = min(decay, (1 + n) / (10 + n))
+        expected = {k: v * d + current[k] * (1 - d) if v.is_floating_point() else current[k]  # counters: copied
+                    for k, v in expected.items()}
+    cfg = FinetuneConfig(**TINY, steps=3, ema_decay=decay)
+    averaged = finetune([case], [LIVER], backbone, tmp_path / "ema.safetensors", cfg, progress=False)
+    written = _weights(averaged)
+    for name, value in expected.items():
+        torch.testing.assert_close(written[name], value, msg=name)
+    assert any(not torch.allclose(written[k], raw[-1][k]) for k in written)  # not the last raw weights
+    # stopped after 2 steps and resumed: the average continues from its snapshot
+    steps = StepCounter()
+    finetune([case], [LIVER], backbone, tmp_path / "ema2.safetensors", cfg, run_dir=tmp_path / "ema", progress=False,
+             progress_callback=steps, should_stop=lambda: steps.done >= 2)  # fmt: skip
+    resumed = finetune([case], [LIVER], backbone, tmp_path / "ema2.safetensors", cfg, run_dir=tmp_path / "ema",
+                       progress=False)  # fmt: skip
+    for name, value in written.items():
+        torch.testing.assert_close(_weights(resumed)[name], value, msg=name)
+
+
+def test_backbone_learning_rate_scale_holds_the_backbone_while_the_head_learns(case, backbone, tmp_path):
+    start = {k: v.detach().clone() for k, v in backbone.model.named_parameters()}
+    untrained = finetune([case], [LIVER], backbone, tmp_path / "untrained.safetensors",
+                         FinetuneConfig(**dict(TINY, lr=1e-12), steps=1), progress=False)  # fmt: skip
+    initial_head = load_probe(untrained.probe_path, untrained.backbone).head.state_dict()
+
+    def moved(result) -> tuple[float, float]:
+        body = max(float((v - start[k]).abs().max()) for k, v in result.backbone.model.named_parameters())
+        head = load_probe(result.probe_path, result.backbone).head.state_dict()
+        return body, max(float((v - initial_head[k]).abs().max()) for k, v in head.items())
+
+    held = finetune([case], [LIVER], backbone, tmp_path / "held.safetensors",
+                    FinetuneConfig(**TINY, steps=5, backbone_lr_scale=1e-6), progress=False)  # fmt: skip
+    free = finetune([case], [LIVER], backbone, tmp_path / "free.safetensors", FinetuneConfig(**TINY, steps=5),
+                    progress=False)  # fmt: skip
+    (held_body, held_head), (free_body, free_head) = moved(held), moved(free)
+    assert held_body < 1e-6 and free_body > 1e-3, (held_body, free_body)  # AdamW moves ~lr per step: 3e-9 vs 3e-3
+    assert held_head > 1e-3 and free_head > 1e-3, (held_head, free_head)
+    assert held.history[-1]["lr"] == free.history[-1]["lr"]  # the head's rate is reported, unscaled
+
+
+def test_new_settings_at_their_defaults_leave_recorded_run_keys_unchanged():
+    recorded = FinetuneConfig().to_dict()
+    assert "ema_decay" not in recorded and "backbone_lr_scale" not in recorded
+    changed = FinetuneConfig(ema_decay=0.995, backbone_lr_scale=0.1).to_dict()
+    assert changed["ema_decay"] == 0.995 and changed["backbone_lr_scale"] == 0.1
+    assert FinetuneConfig.from_dict(changed) == FinetuneConfig(ema_decay=0.995, backbone_lr_scale=0.1)
+    with pytest.raises(ValueError, match="ema_decay"):
+        FinetuneConfig(ema_decay=1.0)
