@@ -338,7 +338,7 @@ def finetune(cases: Sequence[tuple[sitk.Image, sitk.Image]], labels: Sequence[Or
         started = time.perf_counter()
         peak_share = learning_rate_at(step + 1, planned, cfg, elapsed / budget_s if budget_s else None)
         for group in optimiser.param_groups:
-            group["lr"] = peak_share * group["lr_scale"]
+            group["lr"] = peak_share * group.get("lr_scale", 1.0)  # snapshots from before the groups: 1
         batch = [augment(train_volumes[int(rng.integers(len(train_volumes)))], rng) for _ in range(cfg.batch_size)]
         windows = torch.stack([b[0] for b in batch]).to(device)
         targets = torch.stack([b[1] for b in batch]).to(device)
