@@ -21,9 +21,16 @@ __all__ = ["config_to_dict", "config_from_dict", "load_config_file", "apply_over
 T = TypeVar("T")
 
 
-def config_to_dict(config: Any) -> dict:
-    """A JSON-ready dict of a (nested) dataclass config; tuples become lists."""
-    return json.loads(json.dumps(dataclasses.asdict(config)))
+def config_to_dict(config: Any, omit_at_default: tuple[str, ...] = ()) -> dict:
+    """A JSON-ready dict of a (nested) dataclass config; tuples become lists. Fields named in
+    ``omit_at_default`` are left out while they hold their default, so records (reuse keys, snapshots) made
+    before those fields existed still compare equal."""
+    data = json.loads(json.dumps(dataclasses.asdict(config)))
+    defaults = {f.name: f.default for f in dataclasses.fields(config)}
+    for name in omit_at_default:
+        if getattr(config, name) == defaults[name]:
+            del data[name]
+    return data
 
 
 def _field_types(cls: type) -> dict[str, Any]:

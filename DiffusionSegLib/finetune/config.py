@@ -10,8 +10,6 @@ from DiffusionSegLib.config import config_from_dict, config_to_dict
 __all__ = ["FinetuneConfig", "INITS"]
 
 INITS = ("pretrained", "random")
-NEW_FIELD_DEFAULTS = {"backbone_lr_scale": 1.0, "ema_decay": 0.0}
-"""Fields added after runs were recorded: left out of ``to_dict`` at these values."""
 
 
 @dataclass
@@ -145,11 +143,7 @@ class FinetuneConfig:
             raise ValueError("scale must lie in [0, 1); rotate_deg and the intensity ranges must not be negative")
 
     def to_dict(self) -> dict:
-        data = config_to_dict(self)
-        for name, default in NEW_FIELD_DEFAULTS.items():  # at its default, runs recorded before it compare equal
-            if data[name] == default:
-                del data[name]
-        return data
+        return config_to_dict(self, omit_at_default=("backbone_lr_scale", "ema_decay"))  # added after runs were recorded
 
     @classmethod
     def from_dict(cls, data: dict) -> FinetuneConfig:

@@ -123,10 +123,7 @@ class ProbeConfig:
         return pyramid_channels(backbone_channels, self.reads_input, 3 if use_bpr else 0)
 
     def to_dict(self) -> dict:
-        data = config_to_dict(self)
-        if not self.lr_drops:  # at its default, records made before the field existed compare equal
-            del data["lr_drops"]
-        return data
+        return config_to_dict(self, omit_at_default=("lr_drops",))  # added after probes were recorded
 
     @classmethod
     def from_dict(cls, data: dict) -> ProbeConfig:
