@@ -270,7 +270,7 @@ def write_report(rows: list[dict]) -> None:
         organs = " | ".join(f"{r['per_organ'][o]:.3f}" for o in short)
         budget = "–" if r["method"] in FROZEN else f"{r['budget']:g}"
         what = METHODS[r["method"]][0]
-        if r.get("backbone_steps") and FROZEN.get(r["method"]) != "random" and r["method"] != "monai_unet":
+        if r.get("backbone_steps") and FROZEN.get(r["method"]) != "random" and r["method"] not in ("monai_unet", "random"):
             what += f" ({r['backbone_steps']} pretraining steps)"
         lines.append(f"| {what} | {r['regime']} | {', '.join(c[-4:] for c in r['cases'])} | "
                      f"{budget} | {r['wall_minutes']:.1f} | {r['steps']} | {g['big']:.3f} | {g['medium']:.3f} | "
