@@ -63,6 +63,12 @@ budget on the same cases and scored the same way (no largest-component clean-up:
 DRAWS = (0, 1)
 
 
+def starts_from_pretraining(method: str) -> bool:
+    """Whether the row's network starts from our pretrained backbone (not random init, not the MONAI U-Net)."""
+    init = FROZEN.get(method) or (METHODS[method][1] or {}).get("init")
+    return init == "pretrained"
+
+
 def split(case_ids: list[str]) -> tuple[list[str], list[str]]:
     """(training, test) case ids: every fourth sorted case from the fourth is a test case."""
     ordered = sorted(case_ids)
@@ -270,7 +276,7 @@ def write_report(rows: list[dict]) -> None:
         organs = " | ".join(f"{r['per_organ'][o]:.3f}" for o in short)
         budget = "–" if r["method"] in FROZEN else f"{r['budget']:g}"
         what = METHODS[r["method"]][0]
-        if r.get("backbone_steps") and FROZEN.get(r["method"]) != "random" and r["method"] not in ("monai_unet", "random"):
+        if r.get("backbone_steps") and starts_from_pretraining(r["method"]):
             what += f" ({r['backbone_steps']} pretraining steps)"
         lines.append(f"| {what} | {r['regime']} | {', '.join(c[-4:] for c in r['cases'])} | "
                      f"{budget} | {r['wall_minutes']:.1f} | {r['steps']} | {g['big']:.3f} | {g['medium']:.3f} | "
