@@ -21,6 +21,7 @@ backbone, ``key.json``, ``train.json`` with the learning curve, ``result.json`` 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import os
@@ -50,6 +51,9 @@ METHODS = {  # row name: (what it is, FinetuneConfig fields)
     "pretrained_ema_slow_backbone": (
         "fine-tuned from diffusion + BPR pretraining, EMA 0.995, backbone at 0.1x the head's learning rate",
         {"init": "pretrained", "ema_decay": 0.995, "backbone_lr_scale": 0.1}),
+    "pretrained_grid15": (
+        "fine-tuned from diffusion + BPR pretraining on the pretraining grid (1.5 x 1.5 x 3 mm, 32 x 96 x 96 patches)",
+        {"init": "pretrained", "spacing_mm": (1.5, 1.5, 3.0), "patch_size_vox": (32, 96, 96)}),
     "random": ("our network, random init, fine-tuned", {"init": "random"}),
     "monai_unet": ("MONAI UNet from scratch (DESIGN.md §2 recipe)", None),
     "frozen_context": ("frozen probe (context head + CT and coordinates) on the diffusion + BPR backbone", None),
@@ -156,6 +160,7 @@ def train(row: dict, cases_by_id: dict, training: list[str], backbone, args) -> 
         log.info("%s: reusing %s", row["name"], model)
         info = json.loads((folder / "train.json").read_text())
         info.setdefault("backbone_steps", backbone_steps(backbone))  # runs from before it was recorded
+        info.setdefault("backbone_timesteps", backbone_timesteps(backbone.path))
         return model, info
     if key_file.is_file() and json.loads(key_file.read_text()) != key:  # other settings: start that row over
         shutil.rmtree(folder)
@@ -187,6 +192,7 @@ def train(row: dict, cases_by_id: dict, training: list[str], backbone, args) -> 
                 "best_step": result.best_step, "history": result.history, "seconds": result.seconds,
                 "wall_s": time.perf_counter() - started, "cancelled": result.cancelled}  # fmt: skip
     info["backbone_steps"] = backbone_steps(backbone)
+    info["backbone_timesteps"] = backbone_timesteps(backbone.path)
     (folder / "train.json").write_text(json.dumps(info, indent=1))
     return model, info
 
@@ -196,6 +202,30 @@ def backbone_steps(backbone) -> int | None:
     from DiffusionSegLib.checkpoint import read_weights_header
 
     return read_weights_header(backbone.path, kind="backbone")[1].get("extra", {}).get("steps")
+
+
+def backbone_timesteps(path) -> int | None:
+    """The diffusion T a backbone file was pretrained with (None for the other methods), from its header."""
+    from DiffusionSegLib.checkpoint import read_weights_header
+
+    pretrain = (read_weights_header(path, kind="backbone")[0] or {}).get("pretrain", {})
+    return pretrain.get("diffusion", {}).get("num_timesteps") if pretrain.get("method") == "diffusion" else None
+
+
+def pretraining_label(row: dict) -> str:
+    """`` (N pretraining steps)`` for rows that start from pretraining, with ``, T t`` when the backbone's diffusion
+    T is not the shipped default backbone's (rows from the timestep ablation's backbones)."""
+    if not (row.get("backbone_steps") and starts_from_pretraining(row["method"])):
+        return ""
+    timesteps = row.get("backbone_timesteps")
+    shown_t = f", T {timesteps}" if timesteps not in (None, default_timesteps()) else ""
+    return f" ({row['backbone_steps']} pretraining steps{shown_t})"
+
+
+@functools.cache
+def default_timesteps() -> int | None:
+    """The shipped default backbone's diffusion T."""
+    return backbone_timesteps(REPO / "Resources" / "Models" / "backbone_default.safetensors")
 
 
 def _segmenter(model: Path):
@@ -257,7 +287,8 @@ def summarise(row: dict, info: dict, scores: dict) -> dict:
     groups = {g: float(np.nanmean([c["groups"][g] for c in test.values()])) for g in ("big", "medium", "small", "mean")}
     spread = float(np.std([c["groups"]["mean"] for c in test.values()]))
     external = {case: c["dice"] for case, c in scores["external"].items()}
-    return dict(row, backbone_steps=info.get("backbone_steps"), cases=info["cases"], steps=info["steps"], train_minutes=info["seconds"]["train"] / 60,
+    return dict(row, backbone_steps=info.get("backbone_steps"), backbone_timesteps=info.get("backbone_timesteps"),
+                cases=info["cases"], steps=info["steps"], train_minutes=info["seconds"]["train"] / 60,
                 wall_minutes=info["wall_s"] / 60, per_organ=per_organ, groups=groups, mean_spread=spread,
                 external=external, segment_s=float(np.mean([c["segment_s"] for c in test.values()])))  # fmt: skip
 
@@ -275,9 +306,7 @@ def write_report(rows: list[dict]) -> None:
         g = r["groups"]
         organs = " | ".join(f"{r['per_organ'][o]:.3f}" for o in short)
         budget = "–" if r["method"] in FROZEN else f"{r['budget']:g}"
-        what = METHODS[r["method"]][0]
-        if r.get("backbone_steps") and starts_from_pretraining(r["method"]):
-            what += f" ({r['backbone_steps']} pretraining steps)"
+        what = METHODS[r["method"]][0] + pretraining_label(r)
         lines.append(f"| {what} | {r['regime']} | {', '.join(c[-4:] for c in r['cases'])} | "
                      f"{budget} | {r['wall_minutes']:.1f} | {r['steps']} | {g['big']:.3f} | {g['medium']:.3f} | "
                      f"{g['small']:.3f} | "

@@ -1,5 +1,7 @@
 """Choose between fine-tuning settings without the test cases: score few-shot models on training-pool cases they
 were not trained on (the benchmark's 15 training cases minus each model's own), never on the 5 test cases.
+Full-regime models saw the whole pool; they are scored on their held-out case (btcv_0029, the last of their
+cases), which chose their checkpoint but was never trained on.
 
     .venv/bin/python benchmarks/finetune_select.py ROW [ROW ...] [--cases 3]
 """
@@ -34,7 +36,7 @@ def main() -> int:
     for row in args.rows:
         folder = bench.OUT / "runs" / row
         used = json.loads((folder / "key.json").read_text())["cases"]
-        validation = [c for c in training if c not in used][: args.cases]
+        validation = [c for c in training if c not in used][: args.cases] or used[-1:]
         model = next(p for p in (folder / "model.safetensors", folder / "model.pt") if p.is_file())
         scores = bench.evaluate(model, [(c, found[c].image, found[c].label, BTCV_LABELS) for c in validation], [])
         results[row] = {"cases": validation, "model_sha256": file_sha256(model),

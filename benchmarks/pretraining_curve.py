@@ -22,6 +22,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
+from finetune_accuracy import default_timesteps
 
 OUT = Path(__file__).resolve().parent / "results" / "finetune_accuracy"
 FAMILIES = {"frozen_context": "frozen context probe", "frozen_context_random": "frozen context probe",
@@ -29,7 +30,10 @@ FAMILIES = {"frozen_context": "frozen context probe", "frozen_context_random": "
 
 
 def _pretraining_steps(row: dict) -> int | None:
-    """The row's backbone pretraining steps; 0 for the random-init rows."""
+    """The row's backbone pretraining steps; 0 for the random-init rows; None for backbones pretrained with another
+    diffusion T than the shipped default's (another curve: the timestep ablation's backbones)."""
+    if row.get("backbone_timesteps") not in (None, default_timesteps()):
+        return None
     return 0 if row["method"] in ("frozen_context_random", "random") else row.get("backbone_steps")
 
 
