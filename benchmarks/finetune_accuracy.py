@@ -193,8 +193,28 @@ def train(row: dict, cases_by_id: dict, training: list[str], backbone, args) -> 
                 "wall_s": time.perf_counter() - started, "cancelled": result.cancelled}  # fmt: skip
     info["backbone_steps"] = backbone_steps(backbone)
     info["backbone_timesteps"] = backbone_timesteps(backbone.path)
+    info["machine"] = machine_record(args.device)
     (folder / "train.json").write_text(json.dumps(info, indent=1))
     return model, info
+
+
+def machine_record(device: str) -> dict:
+    """What a minute budget bought on the machine that trained a row: its CPU, threads, device and the forward
+    pass's precision (bfloat16 only where the CPU has AMX units, about 1.7x the float32 steps per minute)."""
+    import platform
+
+    import torch
+
+    from DiffusionSegLib.features import resolve_device
+    from DiffusionSegLib.features.extractor import autocast_dtype
+
+    compute = resolve_device(device)
+    cpuinfo = Path("/proc/cpuinfo")
+    names = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
+             if line.startswith("model name")] if cpuinfo.is_file() else []  # fmt: skip
+    dtype = autocast_dtype("auto", compute)
+    return {"cpu": names[0] if names else platform.processor(), "threads": torch.get_num_threads(),
+            "device": str(compute), "forward": str(dtype).removeprefix("torch.") if dtype else "float32"}  # fmt: skip
 
 
 def backbone_steps(backbone) -> int | None:
