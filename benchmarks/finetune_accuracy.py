@@ -36,7 +36,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from DiffusionSegLib.data.labels import BTCV_LABELS  # noqa: E402
+from DiffusionSegLib.data.labels import BTCV_LABELS
 
 DATA = Path(os.environ.get("DIFFUSIONSEG_DATA", REPO.parent / "shared" / "data"))
 
@@ -65,6 +65,8 @@ has not improved for ``patience`` validations (``probe_config``), so these rows 
 """``monai_unet`` is what a user does without us (``benchmarks/monai_unet_baseline.py``), trained at the same
 budget on the same cases and scored the same way (no largest-component clean-up: a plain MONAI user has none)."""
 DRAWS = (0, 1)
+BUDGETS = {"full": 40.0, "fewshot": 15.0}
+"""Default minutes per run of each regime (the issue's: a from-scratch U-Net's 40 minutes; 15 from 2 scans)."""
 
 
 def starts_from_pretraining(method: str) -> bool:
@@ -198,6 +200,12 @@ def train(row: dict, cases_by_id: dict, training: list[str], backbone, args) -> 
     return model, info
 
 
+def machine_label(row: dict) -> str:
+    """`` [float32 CPU]`` for rows trained on a CPU without AMX (rows without a machine record ran with AMX)."""
+    machine = row.get("machine") or {}
+    return " [float32 CPU]" if machine.get("device") == "cpu" and machine.get("forward") == "float32" else ""
+
+
 def machine_record(device: str) -> dict:
     """What a minute budget bought on the machine that trained a row: its CPU, threads, device and the forward
     pass's precision (bfloat16 only where the CPU has AMX units, about 1.7x the float32 steps per minute)."""
@@ -254,8 +262,8 @@ def _segmenter(model: Path):
         from monai_unet_baseline import UNetSegmenter
 
         return UNetSegmenter(model)
-    from DiffusionSegLib.probe import find_probe_backbone, load_probe, segment
     from DiffusionSegLib.pretrain.export import load_backbone
+    from DiffusionSegLib.probe import find_probe_backbone, load_probe, segment
 
     backbone = load_backbone(find_probe_backbone(model))
     probe = load_probe(model, backbone)
@@ -308,7 +316,7 @@ def summarise(row: dict, info: dict, scores: dict) -> dict:
     spread = float(np.std([c["groups"]["mean"] for c in test.values()]))
     external = {case: c["dice"] for case, c in scores["external"].items()}
     return dict(row, backbone_steps=info.get("backbone_steps"), backbone_timesteps=info.get("backbone_timesteps"),
-                cases=info["cases"], steps=info["steps"], train_minutes=info["seconds"]["train"] / 60,
+                machine=info.get("machine"), cases=info["cases"], steps=info["steps"], train_minutes=info["seconds"]["train"] / 60,
                 wall_minutes=info["wall_s"] / 60, per_organ=per_organ, groups=groups, mean_spread=spread,
                 external=external, segment_s=float(np.mean([c["segment_s"] for c in test.values()])))  # fmt: skip
 
@@ -319,6 +327,9 @@ def write_report(rows: list[dict]) -> None:
              "pancreas": "pan", "stomach": "sto"}  # fmt: skip
     lines = ["# Fine-tuning accuracy, fixed BTCV split (5 test cases on their original grid)", "",
              "Command: `.venv/bin/python benchmarks/finetune_accuracy.py` (see its docstring for the split).", "",
+             ("Budgets are wall-clock minutes on 2 CPU cores. Rows marked [float32 CPU] trained on a CPU without AMX "
+              "units (float32 forward pass, about a third of the steps per minute); the others on one with AMX "
+              "(bfloat16 forward pass)."), "",
              "| model | regime | cases | budget (min) | wall (min) | steps | Big | Medium | Small | Mean ± sd (13) | "
              + " | ".join(short.values()) + " |",
              "|---|---|---|---:|---:|---:|---:|---:|---:|---:|" + "---:|" * len(short)]  # fmt: skip
@@ -326,7 +337,7 @@ def write_report(rows: list[dict]) -> None:
         g = r["groups"]
         organs = " | ".join(f"{r['per_organ'][o]:.3f}" for o in short)
         budget = "–" if r["method"] in FROZEN else f"{r['budget']:g}"
-        what = METHODS[r["method"]][0] + pretraining_label(r)
+        what = METHODS[r["method"]][0] + pretraining_label(r) + machine_label(r)
         lines.append(f"| {what} | {r['regime']} | {', '.join(c[-4:] for c in r['cases'])} | "
                      f"{budget} | {r['wall_minutes']:.1f} | {r['steps']} | {g['big']:.3f} | {g['medium']:.3f} | "
                      f"{g['small']:.3f} | "
@@ -341,8 +352,10 @@ def write_report(rows: list[dict]) -> None:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--only", nargs="*", help="run only these rows (names as in the report)")
-    parser.add_argument("--budget-full", type=float, default=40.0, help="minutes per full-regime run (default 40)")
-    parser.add_argument("--budget-fewshot", type=float, default=15.0, help="minutes per 2-case run (default 15)")
+    parser.add_argument("--budget-full", type=float, default=BUDGETS["full"],
+                        help=f"minutes per full-regime run (default {BUDGETS['full']:g})")  # fmt: skip
+    parser.add_argument("--budget-fewshot", type=float, default=BUDGETS["fewshot"],
+                        help=f"minutes per 2-case run (default {BUDGETS['fewshot']:g})")  # fmt: skip
     parser.add_argument("--backbone", default=str(REPO / "Resources" / "Models" / "backbone_default.safetensors"))
     parser.add_argument("--tag", default="", help="suffix of the row names (and run folders), e.g. the backbone's "
                         "pretraining length when --backbone is not the default")  # fmt: skip

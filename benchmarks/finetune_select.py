@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import finetune_accuracy as bench  # noqa: E402
+import finetune_accuracy as bench
 
 
 def main() -> int:
@@ -24,10 +24,9 @@ def main() -> int:
     parser.add_argument("rows", nargs="+", help="benchmark rows (run folders) to compare")
     parser.add_argument("--cases", type=int, default=3, help="validation cases per model (default 3)")
     args = parser.parse_args()
+    from DiffusionSegLib.checkpoint import file_sha256
     from DiffusionSegLib.data.datasets import find_labeled_cases
     from DiffusionSegLib.data.labels import BTCV_LABELS
-
-    from DiffusionSegLib.checkpoint import file_sha256
 
     found = {c.case_id: c for c in find_labeled_cases(bench.DATA / "btcv")}
     training, _ = bench.split(list(found))

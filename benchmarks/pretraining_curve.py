@@ -22,7 +22,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
-from finetune_accuracy import default_timesteps
+from finetune_accuracy import BUDGETS, default_timesteps, machine_label
 
 OUT = Path(__file__).resolve().parent / "results" / "finetune_accuracy"
 FAMILIES = {"frozen_context": "frozen context probe", "frozen_context_random": "frozen context probe",
@@ -31,8 +31,11 @@ FAMILIES = {"frozen_context": "frozen context probe", "frozen_context_random": "
 
 def _pretraining_steps(row: dict) -> int | None:
     """The row's backbone pretraining steps; 0 for the random-init rows; None for backbones pretrained with another
-    diffusion T than the shipped default's (another curve: the timestep ablation's backbones)."""
+    diffusion T than the shipped default's (another curve: the timestep ablation's backbones) and for rows of
+    another budget or trained on a CPU without AMX."""
     if row.get("backbone_timesteps") not in (None, default_timesteps()):
+        return None
+    if row["budget"] != BUDGETS[row["regime"]] or machine_label(row):  # another budget or machine: not comparable
         return None
     return 0 if row["method"] in ("frozen_context_random", "random") else row.get("backbone_steps")
 
@@ -60,7 +63,7 @@ def learning_curves(rows: list[dict]) -> dict[str, list[tuple[float, float]]]:
     """Row name -> [(minutes, held-out mean Dice)] of the full-regime fine-tuning rows."""
     curves = {}
     for row in rows:
-        if row["regime"] != "full" or row["method"] not in ("pretrained", "random"):
+        if row["regime"] != "full" or row["method"] not in ("pretrained", "random") or _pretraining_steps(row) is None:
             continue
         train = OUT / "runs" / row["name"] / "train.json"
         if not train.is_file():
