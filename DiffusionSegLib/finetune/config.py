@@ -20,7 +20,9 @@ class FinetuneConfig:
     """Start from the backbone's pretrained weights, or from a random initialisation of the same network."""
     spacing_mm: tuple[float, float, float] = (3.0, 3.0, 3.0)
     """Working voxel size (x, y, z) of the fine-tuned model (recorded in its backbone file, so ``segment``
-    prepares CTs the same way). 3 mm: TotalSegmentator's fast model; 4x fewer voxels than 1.5 x 1.5 x 3 mm."""
+    prepares CTs the same way). 3 mm, measured against the backbone's 1.5 x 1.5 x 3 mm pretraining grid on 15 BTCV
+    cases at 25 CPU-minutes each: held-out mean Dice 0.710 against 0.587 (4x fewer voxels, more anatomy per patch;
+    README, "Working grid, measured")."""
     patch_size_vox: tuple[int, int, int] = (64, 64, 64)
     """Training patch and inference window (D, H, W) in working voxels; multiples of the backbone's divisor."""
     batch_size: int = 2
