@@ -207,22 +207,18 @@ def machine_label(row: dict) -> str:
 
 
 def machine_record(device: str) -> dict:
-    """What a minute budget bought on the machine that trained a row: its CPU, threads, device and the forward
-    pass's precision (bfloat16 only where the CPU has AMX units, about 1.7x the float32 steps per minute)."""
-    import platform
-
-    import torch
+    """What a minute budget bought on the machine that trained a row: ``backbone_throughput.machine_info`` (CPU,
+    threads, torch, git commit, date) with the device and the forward pass's precision (bfloat16 only where the CPU
+    has AMX units, about 1.7x the float32 steps per minute)."""
+    from backbone_throughput import machine_info
 
     from DiffusionSegLib.features import resolve_device
     from DiffusionSegLib.features.extractor import autocast_dtype
 
     compute = resolve_device(device)
-    cpuinfo = Path("/proc/cpuinfo")
-    names = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
-             if line.startswith("model name")] if cpuinfo.is_file() else []  # fmt: skip
     dtype = autocast_dtype("auto", compute)
-    return {"cpu": names[0] if names else platform.processor(), "threads": torch.get_num_threads(),
-            "device": str(compute), "forward": str(dtype).removeprefix("torch.") if dtype else "float32"}  # fmt: skip
+    return machine_info(compute) | {"device": str(compute),
+                                    "forward": str(dtype).removeprefix("torch.") if dtype else "float32"}  # fmt: skip
 
 
 def backbone_steps(backbone) -> int | None:
