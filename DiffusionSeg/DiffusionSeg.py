@@ -87,8 +87,10 @@ FIELD_OF_VIEW_ATTRIBUTE = "DiffusionSeg.FieldOfView"
 NOT_FOUND_ATTRIBUTE = "DiffusionSeg.NotFound"
 """Segmentation node attribute: the model's organs (in view) that the scan showed none of (empty: all found)."""
 REQUIREMENTS_FILE = MODULE_DIR / "Resources" / "requirements.txt"
+COHORT_REQUIREMENTS_FILE = MODULE_DIR / "Resources" / "requirements-cohort.txt"
+"""Needed only to learn from unlabeled volumes (registration): asked for when such volumes are checked."""
 PROGRESS_PREFIX, RESULT_PREFIX, ERROR_PREFIX = "DIFFUSIONSEG_PROGRESS", "DIFFUSIONSEG_RESULT", "DIFFUSIONSEG_ERROR"
-IMPORT_NAMES = {"scikit-image": "skimage", "pyyaml": "yaml"}  # pip name -> import name where they differ
+IMPORT_NAMES = {"scikit-image": "skimage", "pyyaml": "yaml", "antspyx": "ants"}  # pip name -> import name where they differ
 
 
 #
@@ -335,8 +337,19 @@ class DiffusionSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.saveProbeButton.connect("clicked(bool)", self.onSaveProbeButton)
         self.ui.probeSelector.connect("currentIndexChanged(int)", lambda index: self._updateButtons())
         self.ui.trainingSegmentationsSelector.connect("checkedNodesChanged()", self._updateButtons)
+        self.ui.trainingSegmentationsSelector.connect("checkedNodesChanged()", self._preselectUnlabeled)
         self.refreshProbes()
         self.initializeParameterNode()
+
+    def _preselectUnlabeled(self) -> None:
+        """Check the scene's other volumes as the unlabeled cohort (the user can uncheck any)."""
+        segmentations = list(self.ui.trainingSegmentationsSelector.checkedNodes())
+        volumes = list(self.ui.trainingVolumesSelector.checkedNodes())
+        candidates = {id(n) for n in self.logic.unlabeledCandidates(volumes, segmentations)}
+        selector = self.ui.unlabeledVolumesSelector
+        for i in range(selector.nodeCount()):
+            node = selector.nodeFromIndex(i)
+            selector.setCheckState(node, qt.Qt.Checked if id(node) in candidates else qt.Qt.Unchecked)
 
     def cleanup(self) -> None:
         self.onCancelButton()
@@ -394,8 +407,9 @@ class DiffusionSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.probeSelector.setCurrentIndex(max(index, 0) if self.ui.probeSelector.count else -1)
         self._updateButtons()
 
-    def _ensureDependencies(self) -> bool:
-        """Torch through the PyTorch extension, the rest by pip, each after the user agrees."""
+    def _ensureDependencies(self, cohort: bool = False) -> bool:
+        """Torch through the PyTorch extension, the rest by pip, each after the user agrees (with ``cohort``, the
+        registration package too)."""
         import importlib.util
 
         if importlib.util.find_spec("torch") is None:
@@ -408,7 +422,7 @@ class DiffusionSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             if PyTorchUtils.PyTorchUtilsLogic().installTorch(askConfirmation=True) is None:
                 slicer.util.errorDisplay("PyTorch is required and was not installed.")
                 return False
-        missing = missingRequirements()
+        missing = missingRequirements() + (missingRequirements(COHORT_REQUIREMENTS_FILE) if cohort else [])
         if missing:
             if not slicer.util.confirmOkCancelDisplay(f"DiffusionSeg needs these Python packages: {', '.join(missing)}"
                                                       ". Install them now (a few minutes)?"):  # fmt: skip
@@ -418,8 +432,8 @@ class DiffusionSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 slicer.util.pip_install(missing)
         return True
 
-    def _start(self, prepare: Callable[[], DiffusionSegTask]) -> None:
-        if not self._ensureDependencies():
+    def _start(self, prepare: Callable[[], DiffusionSegTask], cohort: bool = False) -> None:
+        if not self._ensureDependencies(cohort):
             return
         with slicer.util.tryWithErrorDisplay("DiffusionSeg could not start.", waitCursor=True):
             self.task = prepare()
@@ -450,9 +464,11 @@ class DiffusionSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         name = (p.probeName or "my-probe").strip()
         outputPath = self.logic.newProbePath(name)
         if p.headType == "finetune":
+            unlabeled = list(self.ui.unlabeledVolumesSelector.checkedNodes())
             self._start(lambda: self.logic.prepareFinetune(volumes, segmentations, outputPath, p.finetuneMinutes,
                                                            backbonePath=p.backbonePath or None,
-                                                           device=self._device()))  # fmt: skip
+                                                           device=self._device(),
+                                                           unlabeledVolumeNodes=unlabeled), cohort=bool(unlabeled))  # fmt: skip
             return
         self._start(lambda: self.logic.prepareTrainProbe(volumes, segmentations, outputPath, p.headType,
                                                          steps=p.trainingSteps, backbonePath=p.backbonePath or None,
@@ -742,14 +758,32 @@ class DiffusionSegLogic(ScriptedLoadableModuleLogic):
         return self._newTask("train-probe", job, lambda result: Path(result["probe"]), device)
 
     def prepareFinetune(self, volumeNodes: list, segmentationNodes: list, outputPath, minutes: float = 15.0,
-                        backbonePath=None, device: str = "cpu",
-                        finetuneOptions: dict | None = None) -> DiffusionSegTask:  # fmt: skip
+                        backbonePath=None, device: str = "cpu", finetuneOptions: dict | None = None,
+                        unlabeledVolumeNodes: list | None = None) -> DiffusionSegTask:  # fmt: skip
         """Fine-tune the backbone and a head end to end on the segments (the accurate path) for ``minutes`` and
         save the model to ``outputPath`` (its fine-tuned backbone beside it). ``finetuneOptions``: further
-        ``FinetuneConfig`` fields. :meth:`requestStop` ends it early and keeps the best model so far."""
+        ``FinetuneConfig`` fields. ``unlabeledVolumeNodes``: CT volumes of the same cohort without segmentations
+        to learn from too (labels propagated by registration; the minutes include it). The run folder
+        ``<output>.run`` keeps snapshots and registrations, so running the same training again resumes.
+        :meth:`requestStop` ends it early and keeps the best model so far."""
         job = self._trainingJob(volumeNodes, segmentationNodes, outputPath, backbonePath)
-        job.update(minutes=float(minutes), finetune_options=finetuneOptions or {})
+        folder = Path(job["_tempDir"])
+        unlabeled = [node for node in (unlabeledVolumeNodes or []) if node not in volumeNodes]
+        job.update(minutes=float(minutes), finetune_options=finetuneOptions or {},
+                   unlabeled=[self._writeVolume(node, folder, f"unlabeled{i}") for i, node in enumerate(unlabeled)],
+                   case_names=[node.GetName() for node in volumeNodes],
+                   unlabeled_names=[node.GetName() for node in unlabeled],
+                   run_dir=str(Path(outputPath).with_suffix(".run")))  # fmt: skip
         return self._newTask("finetune", job, lambda result: Path(result["probe"]), device)
+
+    def unlabeledCandidates(self, volumeNodes: list, segmentationNodes: list) -> list:
+        """The scene's scalar volumes that are neither training volumes nor the source of a checked segmentation:
+        the unlabeled cohort the training panel preselects."""
+        used = {id(node) for node in volumeNodes}
+        used |= {id(v) for v in (self.referenceVolume(s) for s in segmentationNodes) if v is not None}
+        nodes = self.scene.GetNodesByClass("vtkMRMLScalarVolumeNode")
+        candidates = [nodes.GetItemAsObject(i) for i in range(nodes.GetNumberOfItems())]
+        return [node for node in candidates if id(node) not in used and not node.IsA("vtkMRMLLabelMapVolumeNode")]
 
     def defaultBackbone(self) -> Path:
         """The shipped backbone (first ``kind == "backbone"`` file among the model folders)."""

@@ -42,6 +42,9 @@ DATA = Path(os.environ.get("DIFFUSIONSEG_DATA", REPO.parent / "shared" / "data")
 
 log = logging.getLogger("finetune_accuracy")
 OUT = REPO / "benchmarks" / "results" / "finetune_accuracy"
+REGISTRATIONS = OUT / "registrations"
+"""Registrations shared by the cohort rows and the registration anchor (derived from the BTCV images: never
+committed); each keeps the seconds it took, which count in the budget of every row that uses it."""
 METHODS = {  # row name: (what it is, FinetuneConfig fields)
     "pretrained": ("fine-tuned from diffusion + BPR pretraining", {"init": "pretrained"}),
     "pretrained_nocoords": ("fine-tuned from diffusion + BPR pretraining, coordinates off",
@@ -54,6 +57,8 @@ METHODS = {  # row name: (what it is, FinetuneConfig fields)
     "pretrained_grid15": (
         "fine-tuned from diffusion + BPR pretraining on the pretraining grid (1.5 x 1.5 x 3 mm, 32 x 96 x 96 patches)",
         {"init": "pretrained", "spacing_mm": (1.5, 1.5, 3.0), "patch_size_vox": (32, 96, 96)}),
+    "cohort": (("fine-tuned from diffusion + BPR pretraining, plus the 13 other pool scans unlabeled (labels "
+                "propagated by BPR-started ANTs SyN, kept where the labeled scans agree)"), {"init": "pretrained"}),
     "random": ("our network, random init, fine-tuned", {"init": "random"}),
     "monai_unet": ("MONAI UNet from scratch (DESIGN.md §2 recipe)", None),
     "frozen_context": ("frozen probe (context head + CT and coordinates) on the diffusion + BPR backbone", None),
@@ -64,9 +69,17 @@ FROZEN = {"frozen_context": "pretrained", "frozen_context_random": "random"}
 has not improved for ``patience`` validations (``probe_config``), so these rows have no minute budget."""
 """``monai_unet`` is what a user does without us (``benchmarks/monai_unet_baseline.py``), trained at the same
 budget on the same cases and scored the same way (no largest-component clean-up: a plain MONAI user has none)."""
-DRAWS = (0, 1)
-BUDGETS = {"full": 40.0, "fewshot": 15.0}
-"""Default minutes per run of each regime (the issue's: a from-scratch U-Net's 40 minutes; 15 from 2 scans)."""
+COHORT = {"cohort"}
+"""Rows that also learn from the unlabeled cohort: the pool's other 13 scans, read as CT only (their labels are
+never opened); few-shot regimes only."""
+DRAWS = (0, 1, 2, 3)
+"""Few-shot draws: ``numpy.random.default_rng(draw)`` picks 2 of the 15 pool cases (d0: 0023 + 0025, the only
+unenhanced scans, the hard case; d1: 0009 + 0010; d2: 0005 + 0025; d3: 0002 + 0025)."""
+ONE_SCAN_DRAWS = (0, 1)
+"""1-scan rows (``oneshot``): the first scan of draws d0 and d1 (btcv_0023, btcv_0009)."""
+BUDGETS = {"full": 40.0, "fewshot": 15.0, "cohort": 30.0}
+"""Default minutes per run of each regime (the issue's: a from-scratch U-Net's 40 minutes; 15 from 2 scans; 30
+for 2 scans and their unlabeled cohort, registration included)."""
 
 
 def starts_from_pretraining(method: str) -> bool:
@@ -86,22 +99,47 @@ def run_cases(regime: str, draw: int, training: list[str]) -> list[str]:
     if regime == "full":
         return list(training)
     chosen = np.random.default_rng(draw).choice(len(training), 2, replace=False)
-    return [training[i] for i in sorted(chosen)]
+    cases = [training[i] for i in sorted(chosen)]
+    return cases[:1] if regime == "oneshot" else cases
+
+
+def cohort_cases(row: dict, training: list[str]) -> list[str]:
+    """The unlabeled cohort of a row: the pool cases it was not given labels of (none for other methods)."""
+    if row["method"] not in COHORT:
+        return []
+    used = run_cases(row["regime"], row["draw"], training)
+    return [c for c in training if c not in used]
 
 
 def runs(args) -> list[dict]:
     """Every row of the table: name, method, regime, draw, budget."""
     tag = f"_{args.tag}" if args.tag else ""
     rows = [{"name": f"{m}_full{tag}", "method": m, "regime": "full", "draw": 0, "budget": args.budget_full}
-            for m in METHODS]  # fmt: skip
+            for m in METHODS if m not in COHORT]  # fmt: skip
     rows += [{"name": f"{m}_fewshot_d{d}{tag}", "method": m, "regime": "fewshot", "draw": d,
-              "budget": args.budget_fewshot} for m in METHODS for d in DRAWS]  # fmt: skip
+              "budget": args.budget_cohort if m in COHORT else args.budget_fewshot}
+             for m in METHODS for d in DRAWS]  # fmt: skip
+    rows += [{"name": f"{m}_oneshot_d{d}{tag}", "method": m, "regime": "oneshot", "draw": d,
+              "budget": args.budget_cohort if m in COHORT else args.budget_fewshot}
+             for m in METHODS for d in ONE_SCAN_DRAWS]  # fmt: skip
+    if args.steps:  # a step count instead of the minute budget (independent of the machine's load)
+        rows = [dict(r, steps=args.steps, name=f"{r['name']}_{args.steps}steps") for r in rows]
     return [r for r in rows if not args.only or r["name"] in args.only]
 
 
-def _key(row: dict, cases: list[str], backbone, cfg) -> dict:
-    return {"method": row["method"], "backbone_sha256": backbone.sha256, "cases": cases, "finetune": cfg.to_dict(),
-            "organs": [o.name for o in BTCV_LABELS]}  # fmt: skip
+def _key(row: dict, cases: list[str], backbone, cfg, unlabeled: list[str]) -> dict:
+    key = {"method": row["method"], "backbone_sha256": backbone.sha256, "cases": cases, "finetune": cfg.to_dict(),
+           "organs": [o.name for o in BTCV_LABELS]}  # fmt: skip
+    if unlabeled:  # added after runs were recorded: absent when empty so their keys still match
+        key["unlabeled"] = unlabeled
+    return key
+
+
+def read_unlabeled(cases_by_id: dict, case_ids: list[str]) -> list:
+    """The CT images of ``case_ids``: a cohort row's unlabeled scans (their label files are never opened)."""
+    from DiffusionSegLib.data.volume import read_volume
+
+    return [read_volume(cases_by_id[c].image) for c in case_ids]
 
 
 def _baseline_key(row: dict, cases: list[str]) -> dict:
@@ -146,6 +184,7 @@ def train(row: dict, cases_by_id: dict, training: list[str], backbone, args) -> 
     from DiffusionSegLib.finetune import FinetuneConfig, finetune
 
     cases = run_cases(row["regime"], row["draw"], training)
+    unlabeled = cohort_cases(row, training)
     folder = OUT / "runs" / row["name"]
     if row["method"] == "monai_unet":
         model, key = folder / "model.pt", _baseline_key(row, cases)
@@ -154,9 +193,10 @@ def train(row: dict, cases_by_id: dict, training: list[str], backbone, args) -> 
         key = {"method": row["method"], "backbone_sha256": backbone.sha256, "cases": cases,
                "probe": probe_config(row, args.device).to_dict(), "organs": [o.name for o in BTCV_LABELS]}  # fmt: skip
     else:
-        cfg = FinetuneConfig(**METHODS[row["method"]][1], budget_minutes=row["budget"], seed=row["draw"],
+        budget = {"budget_minutes": 0.0, "steps": row["steps"]} if row.get("steps") else {"budget_minutes": row["budget"]}
+        cfg = FinetuneConfig(**METHODS[row["method"]][1], **budget, seed=row["draw"],
                              val_volumes=1 if row["regime"] == "full" else 0, device=args.device)  # fmt: skip
-        model, key = folder / "model.safetensors", _key(row, cases, backbone, cfg)
+        model, key = folder / "model.safetensors", _key(row, cases, backbone, cfg, unlabeled)
     key_file = folder / "key.json"
     if model.is_file() and key_file.is_file() and json.loads(key_file.read_text()) == key:
         log.info("%s: reusing %s", row["name"], model)
@@ -189,8 +229,9 @@ def train(row: dict, cases_by_id: dict, training: list[str], backbone, args) -> 
                 "history": probe.history, "seconds": {"train": wall}, "wall_s": wall, "cancelled": False}  # fmt: skip
     else:
         result = finetune(pairs, BTCV_LABELS, backbone, model, cfg, run_dir=folder / "snapshot", case_names=cases,
-                          progress=not args.quiet)  # fmt: skip
-        info = {"cases": cases, "steps": result.steps, "planned_steps": result.planned_steps,
+                          progress=not args.quiet, unlabeled=read_unlabeled(cases_by_id, unlabeled),
+                          unlabeled_names=unlabeled, registration_cache=REGISTRATIONS)  # fmt: skip
+        info = {"cases": cases, "unlabeled": unlabeled, "steps": result.steps, "planned_steps": result.planned_steps,
                 "best_step": result.best_step, "history": result.history, "seconds": result.seconds,
                 "wall_s": time.perf_counter() - started, "cancelled": result.cancelled}  # fmt: skip
     info["backbone_steps"] = backbone_steps(backbone)
@@ -352,6 +393,10 @@ def main() -> int:
                         help=f"minutes per full-regime run (default {BUDGETS['full']:g})")  # fmt: skip
     parser.add_argument("--budget-fewshot", type=float, default=BUDGETS["fewshot"],
                         help=f"minutes per 2-case run (default {BUDGETS['fewshot']:g})")  # fmt: skip
+    parser.add_argument("--budget-cohort", type=float, default=BUDGETS["cohort"],
+                        help=f"minutes per cohort run, registration included (default {BUDGETS['cohort']:g})")
+    parser.add_argument("--steps", type=int, default=0, help="train this many steps instead of the minute budget "
+                        "(rows named *_<N>steps; registration is timed and recorded as it ran)")  # fmt: skip
     parser.add_argument("--backbone", default=str(REPO / "Resources" / "Models" / "backbone_default.safetensors"))
     parser.add_argument("--tag", default="", help="suffix of the row names (and run folders), e.g. the backbone's "
                         "pretraining length when --backbone is not the default")  # fmt: skip

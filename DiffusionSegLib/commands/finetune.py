@@ -7,6 +7,10 @@ The model is a probe file (``-o model.safetensors``) with its fine-tuned backbon
 wall time (the cosine learning-rate schedule is fitted to that budget) or ``--steps``; with ``--run-dir`` it
 snapshots every ``--checkpoint-every`` steps and running the same command again resumes. Ctrl-C or SIGTERM stops
 it and writes the best model so far.
+
+``--unlabeled DIR|GLOB|FILE ...`` adds the unlabeled scans of the cohort: the labeled scans are registered to each
+(ANTs, started from the BPR coordinates; ``pip install antspyx``), the warped labels where they agree train the
+network beside the true ones, and ``--minutes`` then includes that registration (cached in ``--run-dir``).
 """
 
 from __future__ import annotations
@@ -49,6 +53,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--precision", choices=("auto", "float32", "bfloat16"), default="auto",
                         help="forward-pass arithmetic (default auto: bfloat16 on AMX CPUs and bfloat16 GPUs)")
     parser.add_argument("--bpr", help="BPR weights for a backbone with coordinates (default: the recorded one)")
+    parser.add_argument("--unlabeled", nargs="+", metavar="SCANS", help="unlabeled CTs of the same cohort to learn "
+                        "from too: folders, files or glob patterns (labels propagated by registration; needs antspyx)")
+    parser.add_argument("--unlabeled-share", type=float, default=0.5, help="share of each batch from the unlabeled "
+                        "scans (default 0.5)")  # fmt: skip
+    parser.add_argument("--registration", choices=("SyN", "SyNRA", "Affine"), default="SyN",
+                        help="ANTs registration of labeled to unlabeled scans (default SyN)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -64,7 +74,8 @@ def run(args: argparse.Namespace) -> int:
                "lr": args.lr, "val_volumes": args.val_volumes, "val_every": args.val_every,
                "checkpoint_every": args.checkpoint_every, "seed": args.seed, "device": args.device,
                "precision": args.precision, "backbone_lr_scale": args.backbone_lr_scale,
-               "ema_decay": args.ema_decay}  # fmt: skip
+               "ema_decay": args.ema_decay, "unlabeled_share": args.unlabeled_share,
+               "registration": args.registration}  # fmt: skip
     if args.spacing:
         options["spacing_mm"] = tuple(args.spacing)
     if args.patch:
@@ -76,11 +87,22 @@ def run(args: argparse.Namespace) -> int:
     check_output_path(args.output, (".safetensors",), "model")
     backbone = load_backbone(args.backbone or default_backbone_path())
     cases, labels, names = labeled_pairs(args)
+    unlabeled, unlabeled_names = [], []
+    if args.unlabeled:
+        from DiffusionSegLib.cohort.registration import require_ants
+        from DiffusionSegLib.data.datasets import find_unlabeled_scans
+        from DiffusionSegLib.data.gate import read_ct
+
+        require_ants()
+        paths = find_unlabeled_scans(args.unlabeled, exclude=names)
+        unlabeled, unlabeled_names = [read_ct(p) for p in paths], [str(p) for p in paths]
+        log.info("learning from %d unlabeled scan(s) too", len(unlabeled))
     with stop_requests() as should_stop:  # Ctrl-C / SIGTERM: the loop writes the best model so far and a snapshot
         start = time.perf_counter()
         log.info("fine-tuning (%s init) for %s on %d case(s)", cfg.init, ", ".join(l.name for l in labels), len(cases))
         result = finetune(cases, labels, backbone, args.output, cfg, run_dir=args.run_dir,
-                          case_names=names, bpr=args.bpr, should_stop=should_stop)  # fmt: skip
+                          case_names=names, bpr=args.bpr, should_stop=should_stop, unlabeled=unlabeled,
+                          unlabeled_names=unlabeled_names)  # fmt: skip
     log.info("wrote %s and %s: %d of %d steps, kept step %d%s (%.1f min)", result.probe_path, result.backbone_path,
              result.steps, result.planned_steps, result.best_step, ", stopped early" if result.cancelled else "",
              (time.perf_counter() - start) / 60)  # fmt: skip

@@ -20,7 +20,7 @@ from pathlib import Path
 from DiffusionSegLib.data.labels import OrganLabel, read_legend
 from DiffusionSegLib.errors import UserInputError
 
-__all__ = ["LabeledCase", "find_labeled_cases", "find_images", "volume_stem", "LABEL_KINDS"]
+__all__ = ["LabeledCase", "find_labeled_cases", "find_images", "find_unlabeled_scans", "volume_stem", "LABEL_KINDS"]
 
 LABEL_KINDS = ("labels", "label", "organs", "seg")
 _VOLUME_EXTENSIONS = (".nii.gz", ".nii", ".nrrd", ".mha", ".mhd")
@@ -57,6 +57,43 @@ def find_images(folder: str | Path, pattern: str = "*") -> list[Path]:
         elif path.is_dir() and any(p.is_file() and p.name.startswith(("CT", "IM")) or p.suffix.lower() == ".dcm"
                                    for p in path.iterdir()):  # fmt: skip
             found.append(path)
+    return found
+
+
+def _is_label_file(path: Path) -> bool:
+    """A volume named like a label map (``<case>_labels``, ``_organs``, ``_seg...``) rather than a CT."""
+    stem = volume_stem(path) or ""
+    kind = stem.rsplit("_", 1)[-1] if "_" in stem else ""
+    return _label_kind_rank(kind) is not None
+
+
+def find_unlabeled_scans(specs, exclude=()) -> list[Path]:
+    """The CT scans named by ``specs``, each a folder (its volume files and DICOM series), a glob pattern or a
+    file; label maps (named ``<case>_labels``, ``_organs``, ``_seg...``) and the paths in ``exclude`` (the labeled
+    CTs) are left out; sorted, without repeats.
+
+    Raises:
+        UserInputError: a spec names nothing.
+    """
+    import glob as globbing
+
+    excluded = {Path(p).resolve() for p in exclude}
+    found: list[Path] = []
+    for spec in specs:
+        path = Path(spec)
+        if path.is_dir():
+            matches = find_images(path)
+        elif any(ch in str(spec) for ch in "*?["):
+            matches = [Path(p) for p in sorted(globbing.glob(str(spec)))
+                       if Path(p).is_dir() or volume_stem(Path(p)) is not None]  # fmt: skip
+        elif path.exists():
+            matches = [path]
+        else:
+            raise UserInputError(f"unlabeled scans not found: {spec} (expected a folder, a file or a glob pattern)")
+        matches = [m for m in matches if not _is_label_file(m)]
+        if not matches:
+            raise UserInputError(f"no CT scans found in {spec} (label maps are left out)")
+        found += [m for m in matches if m.resolve() not in excluded and m not in found]
     return found
 
 

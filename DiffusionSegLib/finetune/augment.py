@@ -56,7 +56,8 @@ def simulate_enhancement(image: torch.Tensor, classes: torch.Tensor, target_mean
         inside = flat_classes == c
         if bool(inside.any()):
             offsets[c] = float(target_mean[c]) - float(flat_image[inside].mean())
-    field = offsets[classes.long()]
+    indices = classes.long()
+    field = offsets[torch.where(indices < len(target_mean), indices, 0)]  # unknown voxels (IGNORE) stay
     if sigma_vox > 0:
         field = torch.as_tensor(GaussianSmooth(sigma=sigma_vox)(field[None]))[0]
     return (image + field).clamp(0.0, 1.0)

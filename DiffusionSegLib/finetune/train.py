@@ -43,6 +43,7 @@ from DiffusionSegLib.data.labels import OrganLabel
 from DiffusionSegLib.errors import UserInputError
 from DiffusionSegLib.finetune.augment import PatchAugment
 from DiffusionSegLib.finetune.config import FinetuneConfig
+from DiffusionSegLib.finetune.loss import MaskedDiceCELoss
 
 __all__ = ["SegmentationNetwork", "FinetuneResult", "FinetuneCancelled", "finetune", "finetune_backbone_bundle",
            "backbone_output_path", "learning_rate_at"]
@@ -218,12 +219,74 @@ def _state(network, optimiser, step, planned, best, history, losses, rng, elapse
             "cases": list(names), "average": average.state_dict() if average is not None else None}  # fmt: skip
 
 
+def _batch_sources(labeled: list, pseudo: list, cfg: FinetuneConfig) -> list[list]:
+    """Which pool each patch of a batch comes from: ``unlabeled_share`` of the batch (rounded, at least one
+    labeled patch) from the pseudo-labeled volumes when there are any."""
+    if not pseudo:
+        return [labeled] * cfg.batch_size
+    from_pseudo = min(round(cfg.unlabeled_share * cfg.batch_size), cfg.batch_size - 1)
+    return [labeled] * (cfg.batch_size - from_pseudo) + [pseudo] * from_pseudo
+
+
+def _pseudo_labeled_volumes(images, names, atlases, trainable, feature_cfg, cfg: FinetuneConfig, bpr, device,
+                            progress, report, stop, cache_dir) -> tuple[list, float]:  # fmt: skip
+    """The unlabeled scans prepared and labeled by registration of the labeled ``atlases`` (fused by agreement),
+    and the seconds it took (a cached registration counts the seconds it took when computed). Volumes where no
+    voxel got a label are dropped."""
+    from DiffusionSegLib.bpr import UNIT_MM
+    from DiffusionSegLib.cohort.pseudo_labels import PropagationCache, fuse_by_agreement, propagate, working_scan
+    from DiffusionSegLib.cohort.registration import RegistrationConfig, require_ants
+    from DiffusionSegLib.probe.sampling import IGNORE, prepare_unlabeled_volume
+
+    require_ants()
+    started = time.perf_counter()
+
+    def scan_of(volume):
+        coords = volume.inputs.num_coords
+        return working_scan(volume.working, volume.inputs.tensor[0, 1 : 1 + coords].numpy() * UNIT_MM
+                            if coords == 3 and cfg.registration_bpr_start else None)  # fmt: skip
+
+    volumes = []
+    for i, (image, name) in enumerate(zip(images, names, strict=True)):
+        if stop():
+            raise FinetuneCancelled("fine-tuning cancelled while preparing the unlabeled volumes")
+        report(0.05, f"preparing unlabeled volume {i + 1}/{len(images)}")
+        volumes.append(prepare_unlabeled_volume(image, trainable, feature_cfg, name, bpr=bpr, device=device))
+    prepared_s = time.perf_counter() - started
+    registration = RegistrationConfig(transform=cfg.registration, bpr_start=cfg.registration_bpr_start, seed=cfg.seed)
+    results = propagate([scan_of(v) for v in volumes], [(scan_of(a), a.classes) for a in atlases], registration,
+                        cache=PropagationCache(cache_dir), progress=progress,
+                        report=lambda f, m: report(0.05, m), should_stop=stop)  # fmt: skip
+    if results is None:
+        raise FinetuneCancelled("fine-tuning cancelled while registering the unlabeled volumes")
+    kept = []
+    for volume, row in zip(volumes, results, strict=True):
+        volume.classes = fuse_by_agreement(row, IGNORE)
+        volume.__dict__.pop("present", None)  # the cached property of the placeholder classes
+        if volume.present - {0}:
+            kept.append(volume)
+        else:
+            log.warning("%s: no organ label survived registration; not used", volume.name)
+    seconds = prepared_s + sum(p.seconds for row in results for p in row)
+    log.info("%d unlabeled volumes labeled by registration (%.0f s; %.0f %% of their voxels labeled)", len(kept),
+             seconds, 100.0 * np.mean([float((v.classes != IGNORE).mean()) for v in volumes]))  # fmt: skip
+    return kept, seconds
+
+
 def finetune(cases: Sequence[tuple[sitk.Image, sitk.Image]], labels: Sequence[OrganLabel], backbone,
              output: str | os.PathLike, cfg: FinetuneConfig | None = None, *, run_dir: str | os.PathLike | None = None,
              case_names: Sequence[str] | None = None, bpr=None, progress: bool = True,
              progress_callback: Callable[[float, str], None] | None = None,
-             should_stop: Callable[[], bool] | None = None) -> FinetuneResult:  # fmt: skip
-    """Fine-tune a backbone and a segmentation head end to end on labeled CTs and write the model.
+             should_stop: Callable[[], bool] | None = None, unlabeled: Sequence[sitk.Image] = (),
+             unlabeled_names: Sequence[str] | None = None,
+             registration_cache: str | os.PathLike | None = None) -> FinetuneResult:  # fmt: skip
+    """Fine-tune a backbone and a segmentation head end to end on labeled CTs (and the unlabeled scans of their
+    cohort) and write the model.
+
+    With ``unlabeled`` scans, every labeled scan is registered to every unlabeled one (ANTs, started from the BPR
+    coordinates; :mod:`DiffusionSegLib.cohort`) and the warped labels, kept where all labeled scans agree, train
+    the network beside the true labels (``cfg.unlabeled_share`` of each batch; disagreeing voxels are left out of
+    the loss). The budget in minutes then includes the unlabeled scans' preparation and registration.
 
     Args:
         cases: ``(ct, label map)`` pairs, each label map on its CT's grid with the ids of ``labels``.
@@ -241,6 +304,9 @@ def finetune(cases: Sequence[tuple[sitk.Image, sitk.Image]], labels: Sequence[Or
         progress_callback: called as ``(fraction, message)``.
         should_stop: polled every step; True writes the best model so far (and the snapshot) and returns with
             ``cancelled=True``.
+        unlabeled: CTs of the same cohort without labels (their labels, if any exist, are never read).
+        unlabeled_names: their names (recorded; default ``unlabeled 1``...).
+        registration_cache: folder keeping each registration for reuse (default: ``run_dir/registrations``).
 
     Raises:
         UserInputError: no cases, an unusable CT or label map, an organ absent from every case, a patch not a
@@ -262,6 +328,9 @@ def finetune(cases: Sequence[tuple[sitk.Image, sitk.Image]], labels: Sequence[Or
     if not cases:
         raise UserInputError("no labeled cases given; fine-tuning needs at least one CT with its label map")
     names = list(case_names) if case_names is not None else [f"case {i + 1}" for i in range(len(cases))]
+    cohort_names = (list(unlabeled_names) if unlabeled_names is not None
+                    else [f"unlabeled {i + 1}" for i in range(len(unlabeled))])  # fmt: skip
+    recorded_names = names + [f"unlabeled: {n}" for n in cohort_names]
     _check(cfg, backbone.model.config.size_divisor)
     report = progress_callback or (lambda fraction, message: None)
     stop = should_stop or (lambda: False)
@@ -271,7 +340,7 @@ def finetune(cases: Sequence[tuple[sitk.Image, sitk.Image]], labels: Sequence[Or
 
     snapshot = Path(run_dir) / SNAPSHOT if run_dir is not None else None
     state = load_training_state(snapshot) if snapshot is not None and snapshot.is_file() else None
-    if state is not None and (state["config"] != cfg.to_dict() or state["cases"] != names):
+    if state is not None and (state["config"] != cfg.to_dict() or state["cases"] != recorded_names):
         raise UserInputError(f"'{snapshot}' holds a fine-tuning run of other settings or cases; choose another run "
                              "folder or delete it to start over")  # fmt: skip
 
@@ -290,6 +359,13 @@ def finetune(cases: Sequence[tuple[sitk.Image, sitk.Image]], labels: Sequence[Or
     train_volumes, val_volumes = volumes[: len(volumes) - held_out], volumes[len(volumes) - held_out :]
     _check_labels(labels, [v.present for v in train_volumes])
     timings["prepare"] = time.perf_counter() - clock
+    pseudo_volumes, cohort_seconds = [], 0.0
+    if len(unlabeled):
+        pseudo_volumes, cohort_seconds = _pseudo_labeled_volumes(
+            unlabeled, cohort_names, train_volumes, trainable, feature_cfg, cfg, bpr_module, device, progress, report,
+            stop, registration_cache if registration_cache is not None else (
+                Path(run_dir) / "registrations" if run_dir is not None else None))  # fmt: skip
+        timings["cohort"] = cohort_seconds
 
     torch.manual_seed(cfg.seed)
     head = build_head("linear", trainable.feature_channels, len(labels) + 1)
@@ -298,13 +374,14 @@ def finetune(cases: Sequence[tuple[sitk.Image, sitk.Image]], labels: Sequence[Or
     optimiser = torch.optim.AdamW(_parameter_groups(network, cfg), lr=cfg.lr, weight_decay=cfg.weight_decay)
     average = _weight_average(network, cfg)
     evaluated = average.module if average is not None else network  # what is validated, kept and written
-    loss_fn = DiceCELoss(to_onehot_y=True, softmax=True, batch=True)
+    loss_fn = DiceCELoss(to_onehot_y=True, softmax=True, batch=True) if not pseudo_volumes else MaskedDiceCELoss()
     autocast = autocast_context(cfg.precision, device)  # resolved once, re-entered every step
     augment = PatchAugment(cfg, trainable.pretrain.data.window_hu, len(labels) + 1)
     rng = np.random.default_rng(cfg.seed)
     step, elapsed, history, losses = 0, 0.0, [], []
     planned = cfg.steps if not cfg.budget_minutes else 0
     best = {"score": -1.0, "step": 0, "network": None}
+    elapsed = cohort_seconds  # the budget includes the cohort's preparation and registration
     if state is not None:
         network.load_state_dict(state["network"])
         optimiser.load_state_dict(state["optimiser"])
@@ -320,7 +397,7 @@ def finetune(cases: Sequence[tuple[sitk.Image, sitk.Image]], labels: Sequence[Or
     def save_snapshot() -> None:
         if snapshot is not None:
             save_training_state(snapshot, _state(network, optimiser, step, planned, best, history, losses, rng,
-                                                 elapsed, cfg, names, average))  # fmt: skip
+                                                 elapsed, cfg, recorded_names, average))  # fmt: skip
 
     budget_s = cfg.budget_minutes * 60.0
     bar = tqdm(total=planned or None, initial=step, desc="fine-tune", disable=not progress, leave=False)
@@ -339,7 +416,8 @@ def finetune(cases: Sequence[tuple[sitk.Image, sitk.Image]], labels: Sequence[Or
         peak_share = learning_rate_at(step + 1, planned, cfg, elapsed / budget_s if budget_s else None)
         for group in optimiser.param_groups:
             group["lr"] = peak_share * group.get("lr_scale", 1.0)  # snapshots from before the groups: 1
-        batch = [augment(train_volumes[int(rng.integers(len(train_volumes)))], rng) for _ in range(cfg.batch_size)]
+        batch = [augment(source[int(rng.integers(len(source)))], rng)
+                 for source in _batch_sources(train_volumes, pseudo_volumes, cfg)]  # fmt: skip
         windows = torch.stack([b[0] for b in batch]).to(device)
         targets = torch.stack([b[1] for b in batch]).to(device)
         with autocast:
@@ -396,7 +474,7 @@ def finetune(cases: Sequence[tuple[sitk.Image, sitk.Image]], labels: Sequence[Or
             network.load_state_dict(average.module.state_dict())
         best_step = step
     return _write(network, trainable, backbone, labels, cfg, output, history, step, planned, best_step, cancelled,
-                  names, timings, record_field_of_view(cases, labels))
+                  recorded_names, timings, record_field_of_view(cases, labels))
 
 
 def _write(network, trainable, source, labels, cfg, output, history, step, planned, best_step, cancelled, names,

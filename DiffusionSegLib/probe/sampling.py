@@ -17,7 +17,12 @@ import torch
 from DiffusionSegLib.data.labels import OrganLabel
 from DiffusionSegLib.errors import UserInputError
 
-__all__ = ["LabeledVolume", "prepare_labeled_volume", "class_index_map", "sample_patch_origins", "cut_patch"]
+__all__ = ["LabeledVolume", "prepare_labeled_volume", "prepare_unlabeled_volume", "class_index_map",
+           "sample_patch_origins", "cut_patch", "IGNORE"]
+
+IGNORE = 255
+"""Class index of voxels without a label to learn from (pseudo-labels where the atlases disagree): never a patch
+centre, left out of the loss."""
 
 
 @dataclass
@@ -27,17 +32,22 @@ class LabeledVolume:
     Attributes:
         name: for messages.
         inputs: :class:`~DiffusionSegLib.features.VolumeInputs` of the whole working volume.
-        classes: (D, H, W) uint8 class indices (0 background, i + 1 for ``labels[i]``).
+        classes: (D, H, W) uint8 class indices (0 background, i + 1 for ``labels[i]``, :data:`IGNORE` where
+            unknown).
+        working: the working-grid HU image the inputs were built from (for registration), when kept.
+        pseudo: the classes were propagated from other scans (not drawn by a person).
     """
 
     name: str
     inputs: object
     classes: np.ndarray
+    working: sitk.Image | None = None
+    pseudo: bool = False
 
     @functools.cached_property
     def present(self) -> set[int]:
-        """Class indices with at least one voxel in the volume."""
-        return {int(c) for c in np.unique(self.classes)}
+        """Class indices with at least one voxel in the volume (:data:`IGNORE` left out)."""
+        return {int(c) for c in np.unique(self.classes)} - {IGNORE}
 
 
 def class_index_map(label_array: np.ndarray, labels: Sequence[OrganLabel]) -> np.ndarray:
@@ -79,7 +89,24 @@ def prepare_labeled_volume(image: sitk.Image, label: sitk.Image, labels: Sequenc
     working_labels = resample_labels_onto(to_canonical_orientation(label), prepared.image, "linear")
     classes = class_index_map(sitk.GetArrayViewFromImage(working_labels), labels)
     inputs = build_inputs(prepared.image, backbone, feature_cfg, bpr=bpr, device=device)
-    return LabeledVolume(name, inputs, classes)
+    return LabeledVolume(name, inputs, classes, prepared.image)
+
+
+def prepare_unlabeled_volume(image: sitk.Image, backbone, feature_cfg, name: str = "case", *, bpr=None,
+                             device="cpu") -> LabeledVolume:  # fmt: skip
+    """Prepare a CT without labels on the backbone's working grid: its network inputs and working image; every
+    voxel :data:`IGNORE` until pseudo-labels are given.
+
+    Raises:
+        UserInputError: the CT is not usable.
+    """
+    from DiffusionSegLib.features import build_inputs
+    from DiffusionSegLib.preprocess import prepare_volume
+
+    prepared = prepare_volume(image, backbone.pretrain.preprocess)
+    inputs = build_inputs(prepared.image, backbone, feature_cfg, bpr=bpr, device=device)
+    classes = np.full(inputs.tensor.shape[-3:], IGNORE, dtype=np.uint8)
+    return LabeledVolume(name, inputs, classes, prepared.image, pseudo=True)
 
 
 def sample_patch_origins(classes: np.ndarray, patch_size: Sequence[int], count: int,
@@ -97,6 +124,7 @@ def sample_patch_origins(classes: np.ndarray, patch_size: Sequence[int], count: 
         volume is smaller than the patch (:func:`cut_patch` pads).
     """
     present = np.unique(classes)
+    present = present[present != IGNORE]
     flat = classes.reshape(-1)
     by_class = {int(c): None for c in present}
     origins = []

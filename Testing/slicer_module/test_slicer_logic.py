@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
+from helpers import data_path, import_or_missing
 
 
 @pytest.fixture
@@ -232,3 +235,34 @@ def test_background_finetune_stopped_early_keeps_a_model_segment_can_use(ds, sce
     assert logic.resolveBackbone(path) == backbone_output_path(path)
     segmentation = logic.segment(volume_node, path)
     assert segmentation.GetSegmentation().GetNumberOfSegments() >= 1
+
+
+def test_finetune_learns_from_the_scenes_unlabeled_volumes_too(ds, scene, tiny_backbone, make_case, tmp_path):
+    """The training panel with two labeled volumes and three unlabeled real CT volumes in the scene: the three are
+    preselected as the unlabeled cohort, registered to, and recorded in the model; its run folder keeps each
+    registration for a resumed run."""
+    import_or_missing("ants", "antspyx (registration of the unlabeled volumes) is not installed")
+    import SimpleITK as sitk
+
+    from DiffusionSegLib.mrml import volume_node_from_image
+
+    logic = ds.DiffusionSegLogic(scene, probeFolder=tmp_path / "probes")
+    labeled = [make_case(scene, name=name) for name in ("CT a", "CT b")]
+    unlabeled = [volume_node_from_image(sitk.ReadImage(str(data_path(path))), scene, name) for path, name in
+                 (("btcv/btcv_0002_ct.nii.gz", "cohort 1"), ("btcv/btcv_0003_ct.nii.gz", "cohort 2"),
+                  ("labeled/totalseg_example_ct_3mm.nii.gz", "cohort 3"))]  # fmt: skip
+    segmentations = [segmentation for _, _, segmentation in labeled]
+    candidates = logic.unlabeledCandidates([], segmentations)
+    assert [n.GetName() for n in candidates] == ["cohort 1", "cohort 2", "cohort 3"]
+    options = {"spacing_mm": [6.0, 6.0, 6.0], "patch_size_vox": [16, 32, 32], "budget_minutes": 0, "steps": 4}
+    volumes = logic.pairVolumes(segmentations, [])
+    output = logic.newProbePath("cohort")
+    task = logic.prepareFinetune(volumes, segmentations, output, backbonePath=tiny_backbone,
+                                 finetuneOptions=options, unlabeledVolumeNodes=candidates)  # fmt: skip
+    path = logic.run(task)
+    metadata = ds.readWeightsMetadata(path)
+    record = metadata["config"]["finetune"]
+    assert record["steps"] == 4 and record["cases"] == ["CT a", "CT b", "unlabeled: cohort 1", "unlabeled: cohort 2",
+                                                        "unlabeled: cohort 3"]  # fmt: skip
+    assert len(list(Path(output).with_suffix(".run").glob("registrations/*.npz"))) == 6
+    assert logic.segment(candidates[0], path).GetSegmentation().GetNumberOfSegments() >= 1

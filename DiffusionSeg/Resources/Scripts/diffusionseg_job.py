@@ -104,6 +104,7 @@ def _finetune(job: dict, report: ProgressCallback, should_stop: Callable[[], boo
     """Fine-tune end to end; SIGTERM (the module's Cancel) stops after the current step and keeps the best model."""
     import signal
 
+    from DiffusionSegLib.data.gate import read_ct
     from DiffusionSegLib.data.labels import labels_from_names
     from DiffusionSegLib.finetune import FinetuneConfig, finetune
     from DiffusionSegLib.pretrain.export import load_backbone
@@ -116,8 +117,11 @@ def _finetune(job: dict, report: ProgressCallback, should_stop: Callable[[], boo
     options.update(job.get("finetune_options") or {})
     stop = {"requested": False}
     signal.signal(signal.SIGTERM, lambda signum, frame: stop.update(requested=True))
+    unlabeled = [read_ct(path, f"unlabeled volume {i}") for i, path in enumerate(job.get("unlabeled") or [], 1)]
     result = finetune(cases, labels, backbone, job["output"], FinetuneConfig(**options), progress=False,
-                      progress_callback=report, should_stop=lambda: stop["requested"] or should_stop())  # fmt: skip
+                      progress_callback=report, should_stop=lambda: stop["requested"] or should_stop(),
+                      run_dir=job.get("run_dir"), case_names=job.get("case_names"), unlabeled=unlabeled,
+                      unlabeled_names=job.get("unlabeled_names"))  # fmt: skip
     return {"probe": str(result.probe_path), "backbone": str(result.backbone_path),
             "organs": [label.name for label in result.probe.labels], "cancelled": result.cancelled,
             "steps": result.steps}  # fmt: skip

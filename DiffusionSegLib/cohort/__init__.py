@@ -1,0 +1,1 @@
+"""Learning from the unlabeled scans of a cohort: labels propagated from the labeled scans by registration."""

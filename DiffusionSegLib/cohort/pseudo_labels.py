@@ -1,0 +1,133 @@
+"""Pseudo-labels for the unlabeled scans of a cohort, propagated from the labeled ones by registration.
+
+Every labeled scan (atlas) is registered to every unlabeled scan (:func:`register_labels`); the warped class
+maps are fused by **agreement**: a voxel gets a class where every atlas gives it that class, and is *ignored*
+in training (:data:`~DiffusionSegLib.probe.sampling.IGNORE`) where they disagree. With two atlases that keeps the
+voxels both registrations place alike (organ cores, clear background) and leaves the uncertain borders to the
+labeled scans; a wrong hard label there is what made naive self-training hurt (DESIGN.md §2).
+
+Registrations are cached by content (the two working images, the atlas's classes and the settings), in the
+run folder of a fine-tuning run, so a resumed run does not register again, and each cached result keeps the
+seconds it took, so a budget that includes registration stays honest when a result is reused.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+
+from DiffusionSegLib.cohort.registration import (
+    Propagation,
+    RegistrationConfig,
+    WorkingScan,
+    anatomical_fit,
+    register_labels,
+)
+
+__all__ = ["PropagationCache", "fuse_by_agreement", "propagate", "propagation_key", "working_scan"]
+
+
+def working_scan(image: sitk.Image, coordinates_mm: np.ndarray | None) -> WorkingScan:
+    """A working-grid CT with the fit of its BPR coordinates ``(3, D, H, W)`` in mm (None: no BPR start)."""
+    return WorkingScan(image, anatomical_fit(coordinates_mm, image) if coordinates_mm is not None else None)
+
+
+def propagation_key(target: WorkingScan, atlas: WorkingScan, atlas_classes: np.ndarray, cfg: RegistrationConfig) -> str:
+    """Content hash of one registration: both working images with their grids, the atlas's classes, the
+    coordinate fits and the settings."""
+    digest = hashlib.sha256()
+    for scan in (target, atlas):
+        digest.update(np.ascontiguousarray(sitk.GetArrayViewFromImage(scan.image)).tobytes())
+        digest.update(json.dumps([scan.image.GetOrigin(), scan.image.GetSpacing(), scan.image.GetDirection()]).encode())
+        digest.update(np.round(scan.fit, 3).tobytes() if scan.fit is not None else b"none")
+    digest.update(np.ascontiguousarray(atlas_classes).tobytes())
+    digest.update(json.dumps(cfg.to_dict(), sort_keys=True).encode())
+    return digest.hexdigest()
+
+
+class PropagationCache:
+    """Registrations stored as ``<key>.npz`` in a folder (None: no cache)."""
+
+    def __init__(self, folder: str | os.PathLike | None) -> None:
+        self.folder = Path(folder) if folder is not None else None
+
+    def get(self, key: str) -> Propagation | None:
+        path = self.folder / f"{key}.npz" if self.folder is not None else None
+        if path is None or not path.is_file():
+            return None
+        try:
+            with np.load(path) as data:
+                return Propagation(data["classes"], data["image"].astype(np.float32), float(data["seconds"]))
+        except (OSError, ValueError, KeyError):  # a damaged cache entry is computed again
+            return None
+
+    def put(self, key: str, result: Propagation) -> None:
+        if self.folder is None:
+            return
+        from DiffusionSegLib.checkpoint import atomic_write
+
+        self.folder.mkdir(parents=True, exist_ok=True)
+
+        def write(tmp: str) -> None:
+            with open(tmp, "wb") as handle:
+                np.savez_compressed(handle, classes=result.classes, image=result.image.astype(np.float16),
+                                    seconds=np.float64(result.seconds))  # fmt: skip
+
+        atomic_write(self.folder / f"{key}.npz", write)
+
+
+def propagate(targets: Sequence[WorkingScan], atlases: Sequence[tuple[WorkingScan, np.ndarray]],
+              cfg: RegistrationConfig | None = None, *, cache: PropagationCache | None = None,
+              progress: bool = True, report: Callable[[float, str], None] | None = None,
+              should_stop: Callable[[], bool] | None = None) -> list[list[Propagation]] | None:  # fmt: skip
+    """Register every atlas to every target.
+
+    Args:
+        targets: the unlabeled scans.
+        atlases: ``(scan, classes)`` of the labeled scans, classes on the scan's working grid.
+        cfg: registration settings.
+        cache: where registrations are kept and reused.
+        progress: show a tqdm bar.
+        report: called as ``(fraction, message)`` after each registration.
+        should_stop: polled before each registration; True returns None (what was registered stays cached).
+
+    Returns:
+        ``result[t][a]``: atlas ``a`` on target ``t``; None when stopped.
+    """
+    from tqdm.auto import tqdm
+
+    cfg = cfg or RegistrationConfig()
+    cache = cache or PropagationCache(None)
+    total = len(targets) * len(atlases)
+    out: list[list[Propagation]] = []
+    with tqdm(total=total, desc="register", disable=not progress, leave=False) as bar:
+        for t, target in enumerate(targets):
+            row = []
+            for a, (atlas, classes) in enumerate(atlases):
+                if should_stop is not None and should_stop():
+                    return None
+                key = propagation_key(target, atlas, classes, cfg)
+                result = cache.get(key)
+                if result is None:
+                    result = register_labels(target, atlas, classes, cfg)
+                    cache.put(key, result)
+                row.append(result)
+                bar.update(1)
+                if report is not None:
+                    done = t * len(atlases) + a + 1
+                    report(done / total, f"registering labeled scans to unlabeled scan {t + 1}/{len(targets)}")
+            out.append(row)
+    return out
+
+
+def fuse_by_agreement(propagations: Sequence[Propagation], ignore: int) -> np.ndarray:
+    """One class map from several atlases: the class where all agree, ``ignore`` where they do not."""
+    classes = np.stack([p.classes for p in propagations])
+    agree = (classes == classes[0]).all(axis=0)
+    return np.where(agree, classes[0], np.uint8(ignore)).astype(np.uint8)

@@ -1,0 +1,194 @@
+"""Learning from the unlabeled cohort: labels propagated by registration (started from the BPR coordinates) train
+the network beside the true ones, with disagreeing voxels left out of the loss; the unlabeled scans' labels are
+never read; Cancel and resume work through registration and training."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+from helpers import data_path, dice, import_or_missing
+
+from DiffusionSegLib.data.labels import organ_label
+from DiffusionSegLib.data.volume import read_volume
+from DiffusionSegLib.finetune import FinetuneConfig, finetune
+from DiffusionSegLib.finetune.loss import MaskedDiceCELoss
+from DiffusionSegLib.pretrain.export import load_backbone
+from DiffusionSegLib.probe import find_probe_backbone, load_probe, read_probe_config, segment
+from DiffusionSegLib.probe.sampling import IGNORE
+
+ORGANS = [organ_label(6, "liver"), organ_label(1, "spleen"), organ_label(2, "right kidney"),
+          organ_label(3, "left kidney")]  # fmt: skip
+TINY = {"spacing_mm": (6.0, 6.0, 6.0), "patch_size_vox": (32, 32, 32), "budget_minutes": 0, "lr": 3e-3,
+        "warmup_steps": 5, "val_every": 10, "checkpoint_every": 5, "device": "cpu", "precision": "float32"}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def ants():
+    return import_or_missing("ants", "antspyx (registration of the unlabeled scans) is not installed")
+
+
+def btcv(case: str, labels: bool = True):
+    ct = read_volume(data_path(f"btcv/btcv_{case}_ct.nii.gz"))
+    return (ct, read_volume(data_path(f"btcv/btcv_{case}_labels.nii.gz"))) if labels else ct
+
+
+def test_masked_loss_equals_monai_dice_ce_and_ignores_unlabeled_voxels():
+    from monai.losses import DiceCELoss
+
+    generator = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 4, 8, 8, 8, generator=generator)
+    target = torch.randint(0, 4, (2, 1, 8, 8, 8), generator=generator)
+    monai = DiceCELoss(to_onehot_y=True, softmax=True, batch=True)(logits, target)
+    assert float(MaskedDiceCELoss()(logits, target)) == pytest.approx(float(monai), rel=1e-5)
+    masked = target.clone()
+    masked[:, :, :4] = IGNORE
+    changed = logits.clone()
+    changed[:, :, :4] = torch.randn(2, 4, 4, 8, 8, generator=generator) * 10  # only where the target is unknown
+    loss = MaskedDiceCELoss()
+    assert float(loss(changed, masked)) == pytest.approx(float(loss(logits, masked)), rel=1e-6)
+    assert float(loss(changed, masked)) != pytest.approx(float(loss(changed, target)), rel=1e-3)
+    kept = DiceCELoss(to_onehot_y=True, softmax=True, batch=True)(logits[:, :, 4:], target[:, :, 4:])
+    assert float(loss(logits, masked)) == pytest.approx(float(kept), rel=1e-5)
+
+
+def test_fusion_keeps_the_class_where_all_atlases_agree_and_ignores_the_rest():
+    from DiffusionSegLib.cohort.pseudo_labels import fuse_by_agreement
+    from DiffusionSegLib.cohort.registration import Propagation
+
+    a = np.array([[[0, 1, 2, 2]]], dtype=np.uint8)
+    b = np.array([[[0, 1, 1, 2]]], dtype=np.uint8)
+    empty = np.zeros(a.shape, np.float32)
+    fused = fuse_by_agreement([Propagation(a, empty, 1.0), Propagation(b, empty, 1.0)], IGNORE)
+    assert fused.tolist() == [[[0, 1, IGNORE, 2]]]
+
+
+def test_bpr_start_lands_an_atlas_on_a_scan_of_another_field_of_view(ants):
+    """The atlas is a whole BTCV scan; the target is the same patient's upper abdomen only (the lower 45 % of the
+    slices cut away). ANTs' centre-of-mass start puts the atlas's middle on the target's middle, far from the same
+    anatomy; the BPR coordinates' fit lands it on the right slices, and the affine registration recovers the
+    liver almost exactly."""
+    from DiffusionSegLib.bpr import load_bpr
+    from DiffusionSegLib.bpr.inference import predict_working_coordinates
+    from DiffusionSegLib.cohort.pseudo_labels import working_scan
+    from DiffusionSegLib.cohort.registration import RegistrationConfig, register_labels
+    from DiffusionSegLib.preprocess import (
+        PreprocessConfig,
+        prepare_volume,
+        resample_labels_onto,
+        to_canonical_orientation,
+    )
+    from DiffusionSegLib.probe.sampling import class_index_map
+
+    ct, labels = btcv("0001")
+    size = list(ct.GetSize())
+    cut = int(size[2] * 0.45)
+    upper = ct[:, :, cut:] if ct.GetDirection()[8] > 0 else ct[:, :, : size[2] - cut]
+    bpr, _ = load_bpr()
+
+    def prepared(image):
+        volume = prepare_volume(image, PreprocessConfig(spacing_mm=(4.0, 4.0, 4.0)))
+        coords = predict_working_coordinates(volume.image, bpr)[0].numpy()
+        return volume, working_scan(volume.image, coords)
+
+    (atlas_volume, atlas), (target_volume, target) = prepared(ct), prepared(upper)
+    classes = class_index_map(sitk.GetArrayViewFromImage(
+        resample_labels_onto(to_canonical_orientation(labels), atlas_volume.image, "linear")), [ORGANS[0]])
+    truth = class_index_map(sitk.GetArrayViewFromImage(
+        resample_labels_onto(to_canonical_orientation(labels), target_volume.image, "linear")), [ORGANS[0]])
+    start = {}
+    for bpr_start in (True, False):
+        cfg = RegistrationConfig(transform="Affine", bpr_start=bpr_start)
+        start[bpr_start] = dice(register_labels(target, atlas, classes, cfg).classes == 1, truth == 1)
+    # measured: BPR start 0.93, centre-of-mass start 0.
+    assert start[True] > 0.85 and start[True] > start[False] + 0.2, start
+
+
+def test_unlabeled_scans_are_found_without_label_maps_and_read_as_ct_only(monkeypatch):
+    import sys
+
+    from helpers import REPO
+
+    from DiffusionSegLib.data.datasets import find_labeled_cases, find_unlabeled_scans
+
+    folder = data_path("btcv")
+    labeled = [str(folder / "btcv_0001_ct.nii.gz")]
+    found = find_unlabeled_scans([folder], exclude=labeled)
+    assert found and all(p.name.endswith("_ct.nii.gz") for p in found)
+    assert str(found[0]).endswith("btcv_0002_ct.nii.gz") and len(found) == len(find_labeled_cases(folder)) - 1
+    assert find_unlabeled_scans([str(folder / "btcv_000[1-3]_*.nii.gz")], exclude=labeled) == found[:2]
+    # the benchmark's cohort loader opens the CT files only
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import finetune_accuracy as bench
+
+    import DiffusionSegLib.data.volume as volume_module
+
+    opened = []
+
+    original = volume_module.read_volume
+    monkeypatch.setattr(volume_module, "read_volume", lambda path: opened.append(str(path)) or original(path))
+    cases = {c.case_id: c for c in find_labeled_cases(folder)}
+    row = {"method": "cohort", "regime": "fewshot", "draw": 1}
+    training, _ = bench.split(list(cases))
+    cohort = bench.cohort_cases(row, training)
+    assert len(cohort) == 13 and not set(cohort) & set(bench.run_cases("fewshot", 1, training))
+    images = bench.read_unlabeled(cases, cohort[:2])
+    assert len(images) == 2 and len(opened) == 2 and all(p.endswith("_ct.nii.gz") for p in opened), opened
+
+
+def _liver_etc_dice(model, cases) -> float:
+    backbone = load_backbone(find_probe_backbone(model))
+    probe = load_probe(model, backbone)
+    scores = []
+    for ct, reference in cases:
+        labels = sitk.GetArrayViewFromImage(segment(ct, probe, backbone).labels)
+        truth = sitk.GetArrayViewFromImage(reference)
+        scores += [dice(labels == o.value, truth == o.value) for o in ORGANS]
+    return float(np.mean(scores))
+
+
+@pytest.mark.slow
+def test_unlabeled_scans_raise_dice_over_labeled_only_at_equal_steps(ants, backbone, tmp_path):
+    """One labeled scan, four unlabeled ones of the cohort, a fifth scan to test on; the same tiny network, seed
+    and step count with and without the unlabeled scans."""
+    labeled = [btcv("0001")]
+    unlabeled = [btcv(c, labels=False) for c in ("0002", "0003", "0005", "0006")]
+    test = [btcv("0007")]
+    cfg = FinetuneConfig(**TINY, steps=80, seed=0)
+    alone = finetune(labeled, ORGANS, backbone, tmp_path / "alone.safetensors", cfg, progress=False)
+    cohort = finetune(labeled, ORGANS, backbone, tmp_path / "cohort.safetensors", cfg, progress=False,
+                      unlabeled=unlabeled, run_dir=tmp_path / "run")  # fmt: skip
+    assert alone.steps == cohort.steps == 80
+    before, after = _liver_etc_dice(alone.probe_path, test), _liver_etc_dice(cohort.probe_path, test)
+    # measured (seeds 0 / 1): labeled-only 0.38 / 0.40, with the cohort 0.55 / 0.56
+    assert after > before + 0.08, (before, after)
+    record = read_probe_config(cohort.probe_path)["finetune"]
+    assert [c for c in record["cases"] if c.startswith("unlabeled")] == [f"unlabeled: unlabeled {i}" for i in range(1, 5)]
+
+
+def test_cancel_during_registration_and_resume_reuse_registrations_and_the_snapshot(ants, backbone, tmp_path,
+                                                                                    monkeypatch):  # fmt: skip
+    import DiffusionSegLib.cohort.pseudo_labels as pseudo
+    from DiffusionSegLib.finetune.train import FinetuneCancelled
+
+    labeled = [btcv("0001")]
+    unlabeled = [btcv("0002", labels=False), btcv("0003", labels=False)]
+    calls = []
+    real = pseudo.register_labels
+    monkeypatch.setattr(pseudo, "register_labels", lambda *a, **k: calls.append(1) or real(*a, **k))
+    cfg = FinetuneConfig(**TINY, steps=8)
+    run = tmp_path / "run"
+    with pytest.raises(FinetuneCancelled, match="registering"):
+        finetune(labeled, ORGANS, backbone, tmp_path / "m.safetensors", cfg, run_dir=run, progress=False,
+                 unlabeled=unlabeled, should_stop=lambda: len(calls) >= 1)  # fmt: skip
+    assert len(calls) == 1 and len(list((run / "registrations").glob("*.npz"))) == 1
+    steps = []
+    first = finetune(labeled, ORGANS, backbone, tmp_path / "m.safetensors", cfg, run_dir=run, progress=False,
+                     unlabeled=unlabeled, progress_callback=lambda f, m: m.startswith("fine-tuning step") and steps.append(m),
+                     should_stop=lambda: len(steps) >= 3)  # fmt: skip
+    assert len(calls) == 2 and first.cancelled and first.steps == 3  # the cached registration was not repeated
+    resumed = finetune(labeled, ORGANS, backbone, tmp_path / "m.safetensors", cfg, run_dir=run, progress=False,
+                       unlabeled=unlabeled)  # fmt: skip
+    assert len(calls) == 2 and not resumed.cancelled and resumed.steps == 8
+    assert resumed.seconds["cohort"] > 0  # the cached registrations' seconds still count in the budget
