@@ -35,9 +35,11 @@ def run(args: argparse.Namespace) -> int:
     from DiffusionSegLib.probe import find_probe_backbone, load_probe, segment, write_segmentation
     from DiffusionSegLib.resources import default_probe_path
 
-    check_output_path(args.output, WRITE_SUFFIXES, "segmentation")
+    inputs = (args.volume, args.probe or default_probe_path(), args.backbone, args.bpr)
+    check_output_path(args.output, WRITE_SUFFIXES, "segmentation", inputs)
     if args.uncertainty:
-        check_output_path(args.uncertainty, tuple(s for s in WRITE_SUFFIXES if s != ".seg.nrrd"), "uncertainty map")
+        check_output_path(args.uncertainty, tuple(s for s in WRITE_SUFFIXES if s != ".seg.nrrd"), "uncertainty map",
+                          inputs, {"segmentation": args.output})  # fmt: skip
     if args.overlap is not None and not 0 <= args.overlap < 1:
         raise UserInputError(f"--overlap {args.overlap} is invalid; expected a value in [0, 1)")
     if args.draws is not None and args.draws < 1:

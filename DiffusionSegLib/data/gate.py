@@ -5,13 +5,15 @@ nothing is written.
 * :func:`read_ct`: readable, 3D, scalar, positive spacing, finite (NIfTI NaNs included, which ITK hides),
   not constant, CT-like intensities with spatial structure (see :func:`~DiffusionSegLib.data.volume.check_ct`);
 * :func:`read_label_map`: on its CT's grid, integer ids, only ids its legend names;
-* :func:`check_output_path`: a known suffix in a folder that exists and can be written.
+* :func:`check_output_path`: a known suffix in a folder that exists and can be written, and not one of the
+  command's inputs nor another of its outputs, however the path is spelled (relative, ``..``, a symbolic or
+  hard link, another case on a case-insensitive disk: see :func:`same_file`).
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +23,7 @@ from DiffusionSegLib.data.labels import OrganLabel
 from DiffusionSegLib.data.volume import WRITE_SUFFIXES, check_ct, check_label_map, read_volume
 from DiffusionSegLib.errors import UserInputError
 
-__all__ = ["read_ct", "read_label_map", "check_label_ids", "check_output_path"]
+__all__ = ["check_label_ids", "check_output_path", "read_ct", "read_label_map", "refuse_writing_over", "same_file"]
 
 
 def read_ct(path: str | os.PathLike, name: str | None = None) -> sitk.Image:
@@ -53,9 +55,12 @@ def read_label_map(path: str | os.PathLike, ct: sitk.Image, legend: Sequence[Org
     return labels
 
 
-def check_output_path(path: str | os.PathLike, suffixes: Sequence[str] = WRITE_SUFFIXES,
-                      what: str = "output") -> Path:  # fmt: skip
-    """Refuse an output path before any work: unknown suffix, missing or unwritable folder, or a folder."""
+def check_output_path(path: str | os.PathLike, suffixes: Sequence[str] = WRITE_SUFFIXES, what: str = "output",
+                      inputs: Iterable[str | os.PathLike | None] = (),
+                      outputs: Mapping[str, str | os.PathLike | None] | None = None) -> Path:  # fmt: skip
+    """Refuse an output path before any work: unknown suffix, missing or unwritable folder, a folder, one of
+    ``inputs`` (the files the command reads) or one of its other ``outputs`` ({what: path}); ``None`` paths are
+    ignored."""
     path = Path(path)
     if not path.name.lower().endswith(tuple(suffixes)):
         raise UserInputError(f"cannot write {what} '{path}': expected a name ending in {', '.join(suffixes)}")
@@ -66,4 +71,28 @@ def check_output_path(path: str | os.PathLike, suffixes: Sequence[str] = WRITE_S
         raise UserInputError(f"cannot write {what} '{path}': folder '{folder}' does not exist")
     if not os.access(folder, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
         raise UserInputError(f"cannot write {what} '{path}': permission denied")
+    refuse_writing_over(path, inputs, what, outputs)
     return path
+
+
+def same_file(a: str | os.PathLike, b: str | os.PathLike) -> bool:
+    """Whether two paths name the same file: the same inode where both exist (any spelling: relative, ``..``,
+    symbolic or hard link, case on a case-insensitive disk), else the same resolved path."""
+    try:
+        return os.path.samefile(a, b)
+    except OSError:  # one of them does not exist (yet)
+        return os.path.normcase(os.path.realpath(a)) == os.path.normcase(os.path.realpath(b))
+
+
+def refuse_writing_over(path: str | os.PathLike, inputs: Iterable[str | os.PathLike | None], what: str = "output",
+                        outputs: Mapping[str, str | os.PathLike | None] | None = None) -> None:  # fmt: skip
+    """Refuse an output ``path`` that is one of ``inputs`` (files the command reads) or one of its other
+    ``outputs`` ({what: path})."""
+    for source in inputs:
+        if source is not None and str(source) and same_file(path, source):
+            raise UserInputError(f"cannot write {what} '{path}': it is the input '{source}', which would be lost; "
+                                 "choose another output path")  # fmt: skip
+    for other, target in (outputs or {}).items():
+        if target is not None and str(target) and same_file(path, target):
+            raise UserInputError(f"cannot write {what} '{path}': the {other} goes to that same file; choose "
+                                 "another output path")  # fmt: skip
