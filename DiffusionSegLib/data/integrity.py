@@ -9,8 +9,9 @@ scan. The gate therefore checks, for each format, the bytes behind the header be
   ``.nii.gz`` the decompressed bytes are then used as the voxels (ITK reads only the header), so the check
   costs no second decompression (:func:`DiffusionSegLib.data.volume.read_volume`);
 * uncompressed ``.nii``, NRRD and MHA: the data's length must match the header (a ``stat``, no read);
-* a DICOM series: a file of the folder that looks like DICOM but cannot be read is named (GDCM leaves
-  unreadable slices out of the series without a word).
+* a DICOM series: each slice's pixel data must be as long as its header says (compressed frames: closed by
+  their delimitation item), and a file of the folder that looks like DICOM but cannot be read is named (GDCM
+  leaves unreadable slices out of the series without a word).
 
 Decompression uses ISA-L (``isal``, about twice as fast as zlib on the same streams, with the same checks)
 when it is installed, the standard library otherwise.
@@ -32,16 +33,8 @@ except ImportError:  # pragma: no cover - isal is a dependency; the standard lib
     import gzip as _gzip
     import zlib as _zlib
 
-__all__ = [
-    "NiftiHeader",
-    "check_data_length",
-    "check_dicom_folder",
-    "check_nifti_length",
-    "check_volume_file",
-    "damaged",
-    "gunzip",
-    "read_nifti_header",
-]  # fmt: skip
+__all__ = ["NiftiHeader", "check_data_length", "check_dicom_folder", "check_dicom_pixel_data", "check_nifti_length",
+           "check_volume_file", "damaged", "gunzip", "read_nifti_header"]
 
 # Bytes of one voxel component per NIfTI datatype code (complex and RGB(A) count as one voxel).
 _NIFTI_ITEMSIZE = {2: 1, 4: 2, 8: 4, 16: 4, 32: 8, 64: 8, 128: 3, 256: 1, 512: 2, 768: 4, 1024: 8, 1280: 8,
@@ -136,15 +129,21 @@ def read_nifti_header(path: str | os.PathLike, head: bytes) -> NiftiHeader | Non
         if struct.unpack(f"{endian}i", head[:4])[0] != 348:
             continue
         dims = struct.unpack(f"{endian}8h", head[40:56])
+        datatype = struct.unpack(f"{endian}h", head[70:72])[0]
+        if datatype not in _NIFTI_ITEMSIZE:  # the NIfTI library would print its own error besides ITK's
+            raise damaged(path, f"its NIfTI header declares datatype code {datatype}, which NIfTI does not define")
+        if not 1 <= dims[0] <= 7 or any(d < 1 for d in dims[1 : 1 + dims[0]]):
+            raise damaged(path, f"its NIfTI header declares sizes {list(dims[: 1 + max(0, min(dims[0], 7))])} "
+                                "(dim[0] axes, then their sizes); expected 1 to 7 axes of at least one voxel")  # fmt: skip
         pixdim = struct.unpack(f"{endian}8f", head[76:108])
-        rank = dims[0] if 1 <= dims[0] <= 7 else 0
+        rank = dims[0]
         used = pixdim[1 : 1 + min(rank, 3)]
         if any(not math.isfinite(p) or p <= 0 for p in used):
             spacing = tuple(round(float(p), 6) for p in used)
             raise UserInputError(f"'{Path(path).name}' declares voxel spacing {spacing} mm; expected positive sizes")
         slope, intercept = struct.unpack(f"{endian}2f", head[112:120])
         scaled = not (slope in (0.0, 1.0) and intercept == 0.0)
-        return NiftiHeader(endian=endian, datatype=struct.unpack(f"{endian}h", head[70:72])[0],
+        return NiftiHeader(endian=endian, datatype=datatype,
                            offset=int(struct.unpack(f"{endian}f", head[108:112])[0]),
                            dims=tuple(int(d) for d in dims[1 : 1 + rank]),
                            slope=slope if math.isfinite(slope) and slope != 0 else 1.0,
@@ -264,20 +263,59 @@ def check_volume_file(path: str | os.PathLike, suffix: str) -> None:
         _metaimage_check(path)
 
 
-def check_dicom_folder(folder: str | os.PathLike, series_id: str, series_files: Sequence[str]) -> None:
-    """Refuse a DICOM folder holding a file that looks like DICOM (``DICM`` marker) and is not in the series
-    although it cannot be read or belongs to it: GDCM leaves such a slice out of the series without a word,
-    and the scan would be read one slice short."""
-    import SimpleITK as sitk
+_PIXEL_DATA = b"\xe0\x7f\x10\x00"  # the (7FE0,0010) Pixel Data tag, little endian
+_SEQUENCE_END = b"\xfe\xff\xdd\xe0\x00\x00\x00\x00"  # (FFFE,E0DD) Sequence Delimitation Item, length 0
 
-    folder = Path(folder)
-    listed = {os.path.realpath(f) for f in series_files}
+
+def _pixel_data_problem(data: bytes) -> str | None:
+    """What is missing of a DICOM file's (little-endian) Pixel Data element, or None when it is complete."""
+    at = data.rfind(_PIXEL_DATA)
+    if at < 0:
+        return None  # no image in this file; GDCM says what it lacks
+    if data[at + 4 : at + 6] in (b"OB", b"OW", b"OF", b"OD", b"UN"):  # explicit VR: 2 reserved bytes, 4-byte length
+        length, start = int.from_bytes(data[at + 8 : at + 12], "little"), at + 12
+    else:  # implicit VR
+        length, start = int.from_bytes(data[at + 4 : at + 8], "little"), at + 8
+    if length == 0xFFFFFFFF:  # encapsulated (compressed) frames, closed by a delimitation item
+        if data.find(_SEQUENCE_END, start) < 0:
+            return "its compressed pixel data ends without its closing item (the file is truncated)"
+    elif len(data) < start + length:
+        return f"its pixel data is {len(data) - start} bytes, its header promises {length} (the file is truncated)"
+    return None
+
+
+def _dicom_files(folder: Path) -> list[Path]:
+    """The files of a folder that carry the DICOM marker (``DICM`` after the 128-byte preamble)."""
+    found = []
     for file in sorted(folder.iterdir()):
-        if file.name.startswith(".") or not file.is_file() or os.path.realpath(file) in listed:
+        if file.name.startswith(".") or not file.is_file():
             continue
         with open(file, "rb") as handle:
-            if handle.read(132)[128:] != b"DICM":
-                continue
+            if handle.read(132)[128:] == b"DICM":
+                found.append(file)
+    return found
+
+
+def check_dicom_pixel_data(folder: str | os.PathLike) -> None:
+    """Refuse a DICOM folder with a file whose pixel data is shorter than its header says (before GDCM reads the
+    folder: GDCM spends seconds on such a file and then leaves it out of the series without a word)."""
+    for file in _dicom_files(Path(folder)):
+        with open(file, "rb") as handle:
+            problem = _pixel_data_problem(handle.read())
+        if problem:
+            raise damaged(file, problem)
+
+
+def check_dicom_folder(folder: str | os.PathLike, series_id: str, series_files: Sequence[str]) -> None:
+    """Refuse a DICOM folder holding a file that looks like DICOM but is not in the series although it cannot be
+    read or belongs to it: GDCM leaves such a slice out of the series without a word, and the scan would be read
+    one slice short."""
+    import SimpleITK as sitk
+
+    listed = {os.path.realpath(f) for f in series_files}
+    for file in _dicom_files(Path(folder)):
+        if os.path.realpath(file) in listed:
+            continue
         reader = sitk.ImageFileReader()
         reader.SetFileName(str(file))
         try:

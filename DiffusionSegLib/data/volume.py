@@ -8,7 +8,8 @@ SimpleITK's ``(z, y, x)`` order; spacing tuples are in ITK's ``(x, y, z)`` order
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,6 +19,7 @@ import SimpleITK as sitk
 from DiffusionSegLib.data.integrity import (
     NiftiHeader,
     check_dicom_folder,
+    check_dicom_pixel_data,
     check_nifti_length,
     check_volume_file,
     gunzip,
@@ -93,9 +95,22 @@ def read_volume(path: str | os.PathLike) -> sitk.Image:
     return _itk_read(path)
 
 
+@contextmanager
+def _itk_warnings_off() -> Iterator[None]:
+    """ITK prints its warnings on stderr (e.g. "unexpected scales in sform", "non uniform sampling"); the gate
+    says what is wrong in its own one line, so reads are quiet."""
+    shown = sitk.ProcessObject.GetGlobalWarningDisplay()
+    sitk.ProcessObject.SetGlobalWarningDisplay(False)
+    try:
+        yield
+    finally:
+        sitk.ProcessObject.SetGlobalWarningDisplay(shown)
+
+
 def _itk_read(path: Path) -> sitk.Image:
     try:
-        return sitk.ReadImage(str(path))
+        with _itk_warnings_off():
+            return sitk.ReadImage(str(path))
     except RuntimeError as error:
         reason = str(error).strip().splitlines()[-1] if str(error).strip() else "unreadable"
         raise UserInputError(f"cannot read '{path}': the file is damaged or not a volume ({reason})") from None
@@ -133,7 +148,8 @@ def _nifti_from_bytes(path: Path, header: NiftiHeader, data: bytes) -> sitk.Imag
     reader = sitk.ImageFileReader()
     reader.SetFileName(str(path))
     try:
-        reader.ReadImageInformation()
+        with _itk_warnings_off():
+            reader.ReadImageInformation()
     except RuntimeError:
         return None  # ITK's full read says what is wrong
     dtype = np.dtype(header.endian + _NIFTI_DTYPES[header.datatype])
@@ -196,6 +212,7 @@ def _check_slice_spacing(folder: Path, files: Sequence[str]) -> None:
 
 
 def _read_dicom_series(folder: Path) -> sitk.Image:
+    check_dicom_pixel_data(folder)
     series_ids = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder))
     if not series_ids:
         raise UserInputError(f"no DICOM series found in folder {folder}")
@@ -209,7 +226,8 @@ def _read_dicom_series(folder: Path) -> sitk.Image:
     reader = sitk.ImageSeriesReader()
     reader.SetFileNames(files)
     try:
-        return reader.Execute()
+        with _itk_warnings_off():
+            return reader.Execute()
     except RuntimeError as error:
         raise UserInputError(f"cannot read the DICOM series in {folder}: {str(error).strip()[-200:]}") from None
 
