@@ -161,6 +161,9 @@ def check_nifti_length(path: str | os.PathLike, header: NiftiHeader, available: 
     """Refuse a NIfTI whose file (decompressed for ``.nii.gz``) is not its header's offset plus voxel bytes."""
     needed = header.data_bytes
     if needed is not None and header.offset >= 348:
+        if available < header.offset:
+            raise damaged(path, f"it ends at byte {available}, inside its header (its voxel data would start at byte "
+                                f"{header.offset})")  # fmt: skip
         check_data_length(path, available - header.offset, needed, _nifti_slack(header))
 
 
@@ -187,6 +190,10 @@ def _text_header(path: Path, separator: str) -> tuple[dict[str, str], int]:
 
 def _nrrd_check(path: Path) -> None:
     fields, start = _text_header(path, ":")
+    missing = [field for field in ("type", "dimension", "sizes", "encoding") if field not in fields]
+    if missing:
+        raise damaged(path, f"its NRRD header lacks the required field{'s' if len(missing) > 1 else ''} "
+                            f"{', '.join(missing)}")  # fmt: skip
     sizes = [int(s) for s in fields.get("sizes", "").split() if s.lstrip("-").isdigit()]
     itemsize = _NRRD_ITEMSIZE.get(fields.get("type", "").lower())
     encoding = fields.get("encoding", "raw").lower()

@@ -186,7 +186,7 @@ def _restore_nifti_nonfinite(image: sitk.Image, header: NiftiHeader, data: bytes
     return restored
 
 
-def _check_slice_spacing(folder: Path, files: Sequence[str]) -> None:
+def _check_slice_spacing(folder: Path, files: Sequence[str], left_out: Sequence[str] = ()) -> None:
     """Refuse a series whose slices are not evenly spaced along their normal (a missing slice): ITK would
     stack them as if they were, and every distance below the gap would be wrong."""
     positions = []
@@ -207,8 +207,9 @@ def _check_slice_spacing(folder: Path, files: Sequence[str]) -> None:
     worst = int(np.argmax(gaps))
     if typical > 0 and gaps[worst] > 1.5 * typical:
         raise UserInputError(f"the DICOM series in {folder} has a gap of {gaps[worst]:.3g} mm after slice {worst + 1} "
-                             f"of {len(positions)} (the others are {typical:.3g} mm apart): a slice is missing; "
-                             "expected evenly spaced slices")  # fmt: skip
+                             f"of {len(positions)} (the others are {typical:.3g} mm apart): a slice is missing"
+                             + (f" (not read as a slice of it: {', '.join(left_out[:3])})" if left_out else "")
+                             + "; expected evenly spaced slices")  # fmt: skip
 
 
 def _read_dicom_series(folder: Path) -> sitk.Image:
@@ -222,7 +223,10 @@ def _read_dicom_series(folder: Path) -> sitk.Image:
         )
     files = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), series_ids[0])
     check_dicom_folder(folder, series_ids[0], files)
-    _check_slice_spacing(folder, files)
+    listed = {os.path.realpath(f) for f in files}
+    left_out = [f.name for f in sorted(folder.iterdir())
+                if f.is_file() and not f.name.startswith(".") and os.path.realpath(f) not in listed]  # fmt: skip
+    _check_slice_spacing(folder, files, left_out)
     reader = sitk.ImageSeriesReader()
     reader.SetFileNames(files)
     try:
