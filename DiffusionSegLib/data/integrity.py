@@ -313,15 +313,28 @@ def check_dicom_pixel_data(folder: str | os.PathLike) -> None:
             raise damaged(file, problem)
 
 
+def _name_pattern(name: str) -> str:
+    """A file name without its digits: the slices of a series share it (``IM0001``, ``CT.1.2.840....573``)."""
+    return "".join(c for c in name if not c.isdigit())
+
+
 def check_dicom_folder(folder: str | os.PathLike, series_id: str, series_files: Sequence[str]) -> None:
-    """Refuse a DICOM folder holding a file that looks like DICOM but is not in the series although it cannot be
-    read or belongs to it: GDCM leaves such a slice out of the series without a word, and the scan would be read
-    one slice short."""
+    """Refuse a DICOM folder holding a file left out of the series although it is named like its slices, or looks
+    like DICOM and cannot be read or belongs to the series: GDCM leaves such a slice out of the series without
+    a word, and the scan would be read one slice short."""
     import SimpleITK as sitk
 
+    folder = Path(folder)
     listed = {os.path.realpath(f) for f in series_files}
-    for file in _dicom_files(Path(folder)):
-        if os.path.realpath(file) in listed:
+    slice_names = {_name_pattern(Path(f).name) for f in series_files}
+    marked = set(_dicom_files(folder))
+    for file in sorted(folder.iterdir()):
+        if not file.is_file() or file.name.startswith(".") or os.path.realpath(file) in listed:
+            continue
+        if file not in marked:
+            if _name_pattern(file.name) in slice_names:
+                raise damaged(file, "it is named like the slices of the series but is not readable DICOM (truncated "
+                                    "or corrupt)")  # fmt: skip
             continue
         reader = sitk.ImageFileReader()
         reader.SetFileName(str(file))

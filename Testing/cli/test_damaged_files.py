@@ -174,7 +174,7 @@ def sources(tmp_path_factory) -> Sources:
     sitk.WriteImage(ct, str(files["mha"]))
     dicom = folder / "dicom"
     shutil.copytree(data_path(DICOM), dicom)
-    files["dicom"] = sorted(dicom.iterdir())[7]
+    files["dicom"] = sorted(dicom.iterdir())[-1]  # an end slice: no gap in the slice positions would show it missing
     return Sources(files, dicom, probe, backbone)
 
 
@@ -212,8 +212,7 @@ def _check_outcome(case: Case, status: int, err: str, damaged: Path, out: Path, 
         lines = err.strip().splitlines()
         assert status == 2, f"expected a refusal, got status {status}: {err[-600:]}"
         assert len(lines) == 1, err
-        named = damaged.name in lines[0] or (case.kind == "dicom" and str(damaged.parent) in lines[0])
-        assert named, f"the line does not name {damaged.name}: {lines[0]}"
+        assert damaged.name in lines[0], f"the line does not name {damaged.name}: {lines[0]}"
         assert _folder_bytes(out) == before  # nothing written, nothing left behind, the earlier result intact
     else:
         assert status == 0, f"expected a segmentation, got status {status}: {err[-600:]}"
