@@ -174,7 +174,7 @@ def sources(tmp_path_factory) -> Sources:
     sitk.WriteImage(ct, str(files["mha"]))
     dicom = folder / "dicom"
     shutil.copytree(data_path(DICOM), dicom)
-    files["dicom"] = sorted(dicom.iterdir())[-1]  # an end slice: no gap in the slice positions would show it missing
+    files["dicom"] = max(dicom.iterdir())  # an end slice: no gap in the slice positions would show it missing
     return Sources(files, dicom, probe, backbone)
 
 
