@@ -10,8 +10,8 @@ scan. The gate therefore checks, for each format, the bytes behind the header be
   costs no second decompression (:func:`DiffusionSegLib.data.volume.read_volume`);
 * uncompressed ``.nii``, NRRD and MHA: the data's length must match the header (a ``stat``, no read);
 * a DICOM series: each slice's pixel data must be as long as its header says (compressed frames: closed by
-  their delimitation item), and a file of the folder that looks like DICOM but cannot be read is named (GDCM
-  leaves unreadable slices out of the series without a word).
+  their delimitation item), and a file of the folder that GDCM left out of the series (it does so without a
+  word) is named when it looks like DICOM but cannot be read, or is named like the series' slices.
 
 Decompression uses ISA-L (``isal``, about twice as fast as zlib on the same streams, with the same checks)
 when it is installed, the standard library otherwise.
@@ -185,6 +185,8 @@ def _text_header(path: Path, separator: str) -> tuple[dict[str, str], int]:
         fields.setdefault(key.strip().lower(), value.strip())
         if separator == "=" and key.strip().lower() == "elementdatafile":  # MetaImage: the last header line
             return fields, position
+    if separator == ":" and len(head) < _TEXT_HEADER_LIMIT and ("data file" in fields or "datafile" in fields):
+        return fields, position  # a detached NRRD header (.nhdr) may end with the file
     raise damaged(path, "its header never ends (no voxel data follows it)")
 
 
