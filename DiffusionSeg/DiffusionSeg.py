@@ -497,8 +497,9 @@ class DiffusionSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._done(f"{task.kind} failed: {error}")
             slicer.util.errorDisplay(f"DiffusionSeg {task.kind} failed:\n{error}")
             return
+        # The result is not made the next run's output: a later Segment (or Show coordinates) makes a new node
+        # again, so a result the user has since edited, or trains from, is never replaced unless chosen.
         if task.kind == "segment":
-            self._parameterNode.outputSegmentation = result
             result.CreateClosedSurfaceRepresentation()
             notes = [n for n in (result.GetAttribute(FIELD_OF_VIEW_ATTRIBUTE), result.GetAttribute(NOT_FOUND_ATTRIBUTE))
                      if n]  # fmt: skip
@@ -506,7 +507,6 @@ class DiffusionSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 self._done(f"segment: done; {'; '.join(notes)}.")
                 return
         elif task.kind == "coords":
-            self._parameterNode.coordinatesVolume = result
             slicer.util.setSliceViewerLayers(background=self._parameterNode.inputVolume, foreground=result,
                                              foregroundOpacity=0.5)  # fmt: skip
         elif task.kind in ("train-probe", "finetune"):
@@ -663,6 +663,9 @@ class DiffusionSegLogic(ScriptedLoadableModuleLogic):
         """Anatomical coordinates of ``volumeNode`` into ``outputNode`` (overwritten) or a new vector volume."""
         from DiffusionSegLib.bpr import default_bpr_path
 
+        if outputNode is not None and outputNode is volumeNode:
+            raise ValueError(f"the output volume '{outputNode.GetName()}' is the input volume; choose another output "
+                             "volume, or none to make a new one")  # fmt: skip
         bpr = Path(bprPath) if bprPath else default_bpr_path()
         if not bpr.is_file():
             raise ValueError(f"the Body Part Regressor weights are missing ({bpr}); train one with "

@@ -142,6 +142,8 @@ def read_weights_header(path: str | os.PathLike, kind: str | None = None) -> tup
             raw = dict(json.loads(text).get("__metadata__") or {})
         config = json.loads(raw["config"]) if "config" in raw else None
         extra = json.loads(raw.get("extra", "{}"))
+    except json.JSONDecodeError as error:
+        raise UserInputError(f"cannot read weights '{path}': its header is damaged (not valid JSON: {error})") from None
     except (OSError, ValueError, AttributeError) as error:
         raise UserInputError(f"cannot read weights '{path}': {error}") from None
     if "kind" not in raw or config is None:

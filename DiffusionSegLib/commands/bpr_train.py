@@ -111,6 +111,10 @@ def run(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     cfg = config_from_arguments(args)
     images = collect_images(args.images)
+    if args.export:
+        from DiffusionSegLib.data.gate import refuse_writing_over
+
+        refuse_writing_over(args.export, images, "exported weights")
     log.info("training the %s BPR on %d CT volumes for %d steps -> %s", args.design, len(images), cfg.steps,
              args.output_dir)
     result = fit_bpr(images, cfg, args.output_dir, resume=not args.no_resume, checkpoint_every=args.checkpoint_every,

@@ -39,7 +39,7 @@ def run(args: argparse.Namespace) -> int:
         raise UserInputError(f"--overlap {args.overlap} is invalid; expected a value in [0, 1)")
     if args.threads:
         torch.set_num_threads(args.threads)
-    check_output_path(args.output, what="coordinate map")
+    check_output_path(args.output, what="coordinate map", inputs=(args.volume, args.weights))
     image = read_ct(args.volume)
     model, _ = load_bpr(args.weights)
     start = time.perf_counter()

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-from DiffusionSegLib.data.gate import read_ct
+from DiffusionSegLib.data.gate import read_ct, refuse_writing_over
 from DiffusionSegLib.data.volume import same_grid, volume_info, write_volume
 from DiffusionSegLib.errors import UserInputError
 
@@ -26,6 +26,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--backbone", default=None, help="its backbone (default: the one the probe records)")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="where the networks run")
 
+
+OUTPUT_NAMES = ("segmentation.nii.gz", "segmentation.seg.nrrd", "coordinates.nii.gz", "preview.png")
+"""What the demo writes into its output folder."""
 
 SEGMENT_STAGES = {"prepare": "preprocess + BPR", "features": "backbone + probe", "to_input_grid": "to input grid",
                   "cleanup": "largest components"}  # fmt: skip
@@ -63,6 +66,8 @@ def run(args: argparse.Namespace) -> int:
     out_dir = Path(args.output_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise UserInputError(f"output folder '{out_dir}' is a file; expected a folder (it is created if missing)")
+    for name in OUTPUT_NAMES:
+        refuse_writing_over(out_dir / name, (args.input, args.probe, args.backbone), "demo output")
     source = Path(args.input) if args.input else sample_ct_path()
     stages = _Stages()
     started = time.perf_counter()

@@ -63,10 +63,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from DiffusionSegLib.commands.interrupt import stop_requests
-    from DiffusionSegLib.commands.train_probe import labeled_pairs
+    from DiffusionSegLib.commands.train_probe import case_inputs, labeled_pairs
     from DiffusionSegLib.data.gate import check_output_path
     from DiffusionSegLib.errors import UserInputError
-    from DiffusionSegLib.finetune import FinetuneConfig, finetune
+    from DiffusionSegLib.finetune import FinetuneConfig, backbone_output_path, finetune
     from DiffusionSegLib.pretrain.export import load_backbone
     from DiffusionSegLib.resources import default_backbone_path
 
@@ -84,7 +84,10 @@ def run(args: argparse.Namespace) -> int:
         cfg = FinetuneConfig(**options)
     except ValueError as error:
         raise UserInputError(str(error)) from None
-    check_output_path(args.output, (".safetensors",), "model")
+    inputs = case_inputs(args, args.backbone or default_backbone_path())
+    check_output_path(args.output, (".safetensors",), "model", inputs)
+    check_output_path(backbone_output_path(args.output), (".safetensors",), "fine-tuned backbone", inputs,
+                      {"model": args.output})  # fmt: skip
     backbone = load_backbone(args.backbone or default_backbone_path())
     cases, labels, names = labeled_pairs(args)
     unlabeled, unlabeled_names = [], []

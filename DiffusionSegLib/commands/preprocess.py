@@ -26,9 +26,10 @@ def run(args: argparse.Namespace) -> int:
     from DiffusionSegLib.data.gate import check_output_path, read_ct, read_label_map
 
     config = PreprocessConfig(spacing_mm=tuple(args.spacing), crop_to_body=not args.no_crop)
-    check_output_path(args.output)
+    check_output_path(args.output, inputs=(args.volume, args.labels))
     if args.labels:
-        check_output_path(args.labels_output or _with_suffix_tag(args.output, "_labels"), what="label map")
+        check_output_path(args.labels_output or _with_suffix_tag(args.output, "_labels"), what="label map",
+                          inputs=(args.volume, args.labels), outputs={"working CT": args.output})  # fmt: skip
     image = read_ct(args.volume)
     labels = read_label_map(args.labels, image) if args.labels else None
     prepared = prepare_volume(image, config)

@@ -27,6 +27,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--bpr", help="BPR weights for a backbone with coordinates (default: the recorded one)")
 
 
+def short_scan_note(image, backbone, feature_config) -> str | None:
+    """A line saying that the scan is shorter from head to feet than one window of the network after resampling
+    to its working grid (organs reaching past its ends may be cut or missed), or None when it is not."""
+    import itertools
+
+    from DiffusionSegLib.features import window_size
+
+    corners = [image.TransformContinuousIndexToPhysicalPoint([c - 0.5 for c in corner])
+               for corner in itertools.product(*((0, s) for s in image.GetSize()))]  # fmt: skip
+    length = max(p[2] for p in corners) - min(p[2] for p in corners)
+    slices, spacing = window_size(backbone, feature_config)[0], backbone.pretrain.preprocess.spacing_mm[2]
+    if length >= slices * spacing:
+        return None
+    return (f"covers {length:.0f} mm from head to feet, less than one window of the model ({slices} slices of "
+            f"{spacing:g} mm = {slices * spacing:g} mm): organs that reach past its ends may be cut or missed")
+
+
 def run(args: argparse.Namespace) -> int:
     from DiffusionSegLib.data.gate import check_output_path, read_ct
     from DiffusionSegLib.data.volume import WRITE_SUFFIXES
@@ -35,9 +52,11 @@ def run(args: argparse.Namespace) -> int:
     from DiffusionSegLib.probe import find_probe_backbone, load_probe, segment, write_segmentation
     from DiffusionSegLib.resources import default_probe_path
 
-    check_output_path(args.output, WRITE_SUFFIXES, "segmentation")
+    inputs = (args.volume, args.probe or default_probe_path(), args.backbone, args.bpr)
+    check_output_path(args.output, WRITE_SUFFIXES, "segmentation", inputs)
     if args.uncertainty:
-        check_output_path(args.uncertainty, tuple(s for s in WRITE_SUFFIXES if s != ".seg.nrrd"), "uncertainty map")
+        check_output_path(args.uncertainty, tuple(s for s in WRITE_SUFFIXES if s != ".seg.nrrd"), "uncertainty map",
+                          inputs, {"segmentation": args.output})  # fmt: skip
     if args.overlap is not None and not 0 <= args.overlap < 1:
         raise UserInputError(f"--overlap {args.overlap} is invalid; expected a value in [0, 1)")
     if args.draws is not None and args.draws < 1:
@@ -46,6 +65,9 @@ def run(args: argparse.Namespace) -> int:
     probe_path = args.probe or default_probe_path()
     backbone = load_backbone(args.backbone or find_probe_backbone(probe_path))
     probe = load_probe(probe_path, backbone)
+    note = short_scan_note(image, backbone, probe.config.feature_config())
+    if note:
+        log.warning("%s %s", f"'{args.volume}'", note)
     result = segment(image, probe, backbone, largest_component=args.largest_component,
                      uncertainty=bool(args.uncertainty), num_noise_draws=args.draws, overlap=args.overlap,
                      device=args.device, bpr=args.bpr)  # fmt: skip

@@ -119,6 +119,12 @@ def _remap(label_image, case_legend, probe_labels):
     return image
 
 
+def case_inputs(args: argparse.Namespace, backbone) -> list:
+    """The files a training command reads (backbone, BPR, legend, the ``--case`` CTs and label maps): its
+    outputs must not be any of them."""
+    return [backbone, args.bpr, args.labels_legend, *(path for pair in args.case or () for path in pair)]
+
+
 def labeled_pairs(args: argparse.Namespace):
     """The labeled cases and organs of ``--data`` / ``--case``, ``--organs``, ``--labels-legend``, read through the
     input gate: ``(cases, organs, names)`` with ``cases`` a list of ``(ct, label map with the organs' ids)``
@@ -169,7 +175,7 @@ def run(args: argparse.Namespace) -> int:
         cfg = ProbeConfig(**options)
     except ValueError as error:
         raise UserInputError(str(error)) from None
-    check_output_path(args.output, (".safetensors",), "probe")
+    check_output_path(args.output, (".safetensors",), "probe", case_inputs(args, args.backbone))
     backbone = load_backbone(args.backbone)
     cases, labels, _ = labeled_pairs(args)
     log.info("training a %s probe for %s on %d case(s)", cfg.head, ", ".join(l.name for l in labels), len(cases))

@@ -2,16 +2,19 @@
 functions before any work, so a bad input is refused in one line (what was wrong, what was expected) and
 nothing is written.
 
-* :func:`read_ct`: readable, 3D, scalar, positive spacing, finite (NIfTI NaNs included, which ITK hides),
-  not constant, CT-like intensities with spatial structure (see :func:`~DiffusionSegLib.data.volume.check_ct`);
+* :func:`read_ct`: readable and not damaged (:mod:`~DiffusionSegLib.data.integrity`), 3D, scalar, positive
+  spacing, finite (NIfTI NaNs included, which ITK hides), not constant, CT-like intensities with spatial
+  structure (see :func:`~DiffusionSegLib.data.volume.check_ct`), at least :data:`MIN_EXTENT_MM` along every axis;
 * :func:`read_label_map`: on its CT's grid, integer ids, only ids its legend names;
-* :func:`check_output_path`: a known suffix in a folder that exists and can be written.
+* :func:`check_output_path`: a known suffix in a folder that exists and can be written, and not one of the
+  command's inputs nor another of its outputs, however the path is spelled (relative, ``..``, a symbolic or
+  hard link, another case on a case-insensitive disk: see :func:`same_file`).
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -21,14 +24,42 @@ from DiffusionSegLib.data.labels import OrganLabel
 from DiffusionSegLib.data.volume import WRITE_SUFFIXES, check_ct, check_label_map, read_volume
 from DiffusionSegLib.errors import UserInputError
 
-__all__ = ["read_ct", "read_label_map", "check_label_ids", "check_output_path"]
+__all__ = ["MAX_EXTENT_MM", "MIN_EXTENT_MM", "check_extent", "check_label_ids", "check_output_path", "read_ct", "read_label_map",
+           "refuse_writing_over", "same_file"]
+
+
+MIN_EXTENT_MM = 30.0
+"""The smallest extent a CT may have along any of its axes: a few centimetres of anatomy. The networks see
+windows of 10 cm and more at 3-4 mm voxels; a scan of a few slices (a scout, a 9 mm slab) holds too little of
+any organ to segment and would come back empty without a word."""
 
 
 def read_ct(path: str | os.PathLike, name: str | None = None) -> sitk.Image:
     """Read a CT and refuse it unless the pipeline can use it (see the module docstring)."""
     image = read_volume(path)
-    check_ct(image, name or f"'{Path(path).name}'")
+    name = name or f"'{Path(path).name}'"
+    check_ct(image, name)
+    check_extent(image, name)
     return image
+
+
+MAX_EXTENT_MM = 3000.0
+"""The largest extent a CT may have along any axis: a whole body is under 2 m. A larger one comes from voxel sizes
+that cannot be right (a damaged header), and resampling it to the working grid would not fit in memory."""
+
+
+def check_extent(image: sitk.Image, name: str = "CT", minimum_mm: float = MIN_EXTENT_MM) -> None:
+    """Refuse a scan shorter than ``minimum_mm`` or longer than :data:`MAX_EXTENT_MM` along any axis, saying the
+    limit."""
+    for axis, size, spacing in zip("xyz", image.GetSize(), image.GetSpacing(), strict=False):
+        if size * spacing > MAX_EXTENT_MM:
+            raise UserInputError(f"{name} covers {size * spacing:.3g} mm along its {axis} axis ({size} voxels of "
+                                 f"{spacing:.3g} mm); expected at most {MAX_EXTENT_MM:g} mm: its voxel sizes "
+                                 "cannot be right")  # fmt: skip
+        if size * spacing < minimum_mm:
+            raise UserInputError(f"{name} covers only {size * spacing:.3g} mm along its {axis} axis ({size} voxels of "
+                                 f"{spacing:.3g} mm); expected at least {minimum_mm:g} mm along every axis: too "
+                                 "little anatomy for the model")  # fmt: skip
 
 
 def check_label_ids(labels: sitk.Image, legend: Sequence[OrganLabel], name: str = "label map") -> None:
@@ -53,9 +84,12 @@ def read_label_map(path: str | os.PathLike, ct: sitk.Image, legend: Sequence[Org
     return labels
 
 
-def check_output_path(path: str | os.PathLike, suffixes: Sequence[str] = WRITE_SUFFIXES,
-                      what: str = "output") -> Path:  # fmt: skip
-    """Refuse an output path before any work: unknown suffix, missing or unwritable folder, or a folder."""
+def check_output_path(path: str | os.PathLike, suffixes: Sequence[str] = WRITE_SUFFIXES, what: str = "output",
+                      inputs: Iterable[str | os.PathLike | None] = (),
+                      outputs: Mapping[str, str | os.PathLike | None] | None = None) -> Path:  # fmt: skip
+    """Refuse an output path before any work: unknown suffix, missing or unwritable folder, a folder, one of
+    ``inputs`` (the files the command reads) or one of its other ``outputs`` ({what: path}); ``None`` paths are
+    ignored."""
     path = Path(path)
     if not path.name.lower().endswith(tuple(suffixes)):
         raise UserInputError(f"cannot write {what} '{path}': expected a name ending in {', '.join(suffixes)}")
@@ -66,4 +100,28 @@ def check_output_path(path: str | os.PathLike, suffixes: Sequence[str] = WRITE_S
         raise UserInputError(f"cannot write {what} '{path}': folder '{folder}' does not exist")
     if not os.access(folder, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
         raise UserInputError(f"cannot write {what} '{path}': permission denied")
+    refuse_writing_over(path, inputs, what, outputs)
     return path
+
+
+def same_file(a: str | os.PathLike, b: str | os.PathLike) -> bool:
+    """Whether two paths name the same file: the same inode where both exist (any spelling: relative, ``..``,
+    symbolic or hard link, case on a case-insensitive disk), else the same resolved path."""
+    try:
+        return os.path.samefile(a, b)
+    except OSError:  # one of them does not exist (yet)
+        return os.path.normcase(os.path.realpath(a)) == os.path.normcase(os.path.realpath(b))
+
+
+def refuse_writing_over(path: str | os.PathLike, inputs: Iterable[str | os.PathLike | None], what: str = "output",
+                        outputs: Mapping[str, str | os.PathLike | None] | None = None) -> None:  # fmt: skip
+    """Refuse an output ``path`` that is one of ``inputs`` (files the command reads) or one of its other
+    ``outputs`` ({what: path})."""
+    for source in inputs:
+        if source is not None and str(source) and same_file(path, source):
+            raise UserInputError(f"cannot write {what} '{path}': it is the input '{source}', which would be lost; "
+                                 "choose another output path")  # fmt: skip
+    for other, target in (outputs or {}).items():
+        if target is not None and str(target) and same_file(path, target):
+            raise UserInputError(f"cannot write {what} '{path}': the {other} goes to that same file; choose "
+                                 "another output path")  # fmt: skip

@@ -8,13 +8,23 @@ SimpleITK's ``(z, y, x)`` order; spacing tuples are in ITK's ``(x, y, z)`` order
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import SimpleITK as sitk
 
+from DiffusionSegLib.data.integrity import (
+    NiftiHeader,
+    check_dicom_folder,
+    check_dicom_pixel_data,
+    check_nifti_length,
+    check_volume_file,
+    gunzip,
+    read_nifti_header,
+)
 from DiffusionSegLib.errors import UserInputError
 
 __all__ = [
@@ -64,7 +74,10 @@ def read_volume(path: str | os.PathLike) -> sitk.Image:
         rescale slope/intercept applied (values in HU).
 
     Raises:
-        UserInputError: the path does not exist, the format is unknown, or the file cannot be read.
+        UserInputError: the path does not exist, the format is unknown, the file cannot be read, or it is
+            damaged: its data is shorter (or longer) than its header promises, its gzip / zlib stream is
+            truncated or fails its checksum, a DICOM slice of the folder cannot be read
+            (:mod:`DiffusionSegLib.data.integrity`).
     """
     path = Path(path)
     if not path.exists():
@@ -75,89 +88,105 @@ def read_volume(path: str | os.PathLike) -> sitk.Image:
         raise UserInputError(
             f"cannot read '{path.name}': unknown format; expected one of {', '.join(READ_SUFFIXES)} or a DICOM folder"
         )
-    nifti = _suffix(path) in (".nii", ".nii.gz")
-    header = _check_nifti_header_spacing(path) if nifti else None
+    suffix = _suffix(path)
+    if suffix in (".nii", ".nii.gz"):
+        return _read_nifti(path)
+    check_volume_file(path, suffix)
+    return _itk_read(path)
+
+
+@contextmanager
+def _itk_warnings_off() -> Iterator[None]:
+    """ITK prints its warnings on stderr (e.g. "unexpected scales in sform", "non uniform sampling"); the gate
+    says what is wrong in its own one line, so reads are quiet."""
+    shown = sitk.ProcessObject.GetGlobalWarningDisplay()
+    sitk.ProcessObject.SetGlobalWarningDisplay(False)
     try:
-        image = sitk.ReadImage(str(path))
+        yield
+    finally:
+        sitk.ProcessObject.SetGlobalWarningDisplay(shown)
+
+
+def _itk_read(path: Path) -> sitk.Image:
+    try:
+        with _itk_warnings_off():
+            return sitk.ReadImage(str(path))
     except RuntimeError as error:
         reason = str(error).strip().splitlines()[-1] if str(error).strip() else "unreadable"
         raise UserInputError(f"cannot read '{path}': the file is damaged or not a volume ({reason})") from None
-    return _restore_nifti_nonfinite(path, image, header) if header is not None else image
 
 
-def _check_nifti_header_spacing(path: Path) -> dict | None:
-    """Refuse a NIfTI whose voxel sizes (pixdim) are zero or negative: ITK would silently replace them.
+def _read_nifti(path: Path) -> sitk.Image:
+    """A NIfTI volume, refused when damaged (see :mod:`DiffusionSegLib.data.integrity`).
 
-    Returns:
-        What :func:`_restore_nifti_nonfinite` needs of a NIfTI-1 header (byte order, datatype, data offset,
-        dims, scaling), or None for another header.
+    A gzipped file is decompressed once here, which checks its stream; when ITK would read the voxels unchanged
+    (3D, scalar, no intensity scaling) they are taken from those bytes and ITK reads only the header, so the
+    check costs no second decompression. Otherwise ITK reads the file and :func:`_restore_nifti_nonfinite`
+    brings back the NaN and infinite voxels its reader hides.
     """
-    import gzip
-    import struct
+    with open(path, "rb") as handle:
+        data = handle.read()
+    if data[:2] == b"\x1f\x8b":
+        data = gunzip(path, data)
+    header = read_nifti_header(path, data[:348])
+    if header is None:
+        return _itk_read(path)
+    check_nifti_length(path, header, len(data))
+    image = _nifti_from_bytes(path, header, data)
+    return image if image is not None else _restore_nifti_nonfinite(_itk_read(path), header, data)
 
+
+_NIFTI_DTYPES = {2: "u1", 4: "i2", 8: "i4", 16: "f4", 64: "f8", 256: "i1", 512: "u2", 768: "u4", 1024: "i8",
+                 1280: "u8"}  # fmt: skip
+
+
+def _nifti_from_bytes(path: Path, header: NiftiHeader, data: bytes) -> sitk.Image | None:
+    """The image ITK would read, built from the file's voxel bytes and ITK's reading of the header alone, or
+    None where ITK changes the stored values (scaling, vectors, more than 3 axes)."""
+    if header.scaled or len(header.dims) != 3 or header.datatype not in _NIFTI_DTYPES:
+        return None
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
     try:
-        opener = gzip.open if path.name.lower().endswith(".gz") else open
-        with opener(path, "rb") as handle:
-            header = handle.read(348)
-    except OSError as error:
-        raise UserInputError(f"cannot read '{path}': {error}") from None
-    if len(header) < 348:
-        raise UserInputError(f"cannot read '{path}': the file is too short to be a NIfTI volume")
-    for endian in "<>":
-        if struct.unpack(f"{endian}i", header[:4])[0] == 348:
-            dims = struct.unpack(f"{endian}8h", header[40:56])
-            pixdim = struct.unpack(f"{endian}8f", header[76:108])
-            used = pixdim[1 : 1 + min(max(dims[0], 0), 3)]
-            if any(not np.isfinite(p) or p <= 0 for p in used):
-                spacing = tuple(round(float(p), 6) for p in used)
-                raise UserInputError(f"'{path.name}' declares voxel spacing {spacing} mm; expected positive sizes")
-            slope, intercept = struct.unpack(f"{endian}2f", header[112:120])
-            return {"endian": endian, "datatype": struct.unpack(f"{endian}h", header[70:72])[0],
-                    "offset": int(struct.unpack(f"{endian}f", header[108:112])[0]),
-                    "dims": tuple(int(d) for d in dims[1 : 1 + max(dims[0], 0)]),
-                    "slope": slope if np.isfinite(slope) and slope != 0 else 1.0,
-                    "intercept": intercept if np.isfinite(intercept) else 0.0}  # fmt: skip
-    return None
+        with _itk_warnings_off():
+            reader.ReadImageInformation()
+    except RuntimeError:
+        return None  # ITK's full read says what is wrong
+    dtype = np.dtype(header.endian + _NIFTI_DTYPES[header.datatype])
+    stored = sitk.GetImageFromArray(np.zeros((1, 1, 1), dtype.newbyteorder("=")))
+    if (reader.GetDimension() != 3 or reader.GetNumberOfComponents() != 1 or reader.GetSize() != header.dims
+            or reader.GetPixelID() != stored.GetPixelID()):  # fmt: skip
+        return None
+    array = np.frombuffer(data, dtype, count=int(np.prod(header.dims)), offset=header.offset)
+    image = sitk.GetImageFromArray(array.reshape(header.dims[::-1]).astype(dtype.newbyteorder("="), copy=False))
+    image.SetSpacing(reader.GetSpacing())
+    image.SetOrigin(reader.GetOrigin())
+    image.SetDirection(reader.GetDirection())
+    for key in reader.GetMetaDataKeys():
+        image.SetMetaData(key, reader.GetMetaData(key))
+    return image
 
 
 _NIFTI_FLOAT_TYPES = {16: "f4", 64: "f8"}
-_CHUNK_BYTES = 1 << 24
 
 
-def _restore_nifti_nonfinite(path: Path, image: sitk.Image, header: dict) -> sitk.Image:
-    """ITK's NIfTI reader turns NaN and infinite voxels into 0, so a damaged scan would look clean. The float
-    voxels of the file are scanned in chunks (bounded memory); where any is not finite, the image gets the
-    file's own values back, so that :func:`check_volume` refuses it and ``info`` counts them."""
-    import gzip
-
-    if header["datatype"] not in _NIFTI_FLOAT_TYPES or len(header["dims"]) != 3:
+def _restore_nifti_nonfinite(image: sitk.Image, header: NiftiHeader, data: bytes) -> sitk.Image:
+    """ITK's NIfTI reader turns NaN and infinite voxels into 0, so a damaged scan would look clean. Where any
+    float voxel of the file (``data``, decompressed) is not finite, the image gets the file's own values back,
+    so that :func:`check_volume` refuses it and ``info`` counts them."""
+    if header.datatype not in _NIFTI_FLOAT_TYPES or len(header.dims) != 3:
         return image
-    dtype = np.dtype(header["endian"] + _NIFTI_FLOAT_TYPES[header["datatype"]])
-    nbytes = int(np.prod(header["dims"])) * dtype.itemsize
-    opener = gzip.open if path.name.lower().endswith(".gz") else open
-    nonfinite = 0
-    with opener(path, "rb") as handle:
-        handle.read(header["offset"])
-        remaining = nbytes
-        while remaining > 0:
-            chunk = handle.read(min(_CHUNK_BYTES, remaining))
-            if len(chunk) < dtype.itemsize:
-                break
-            remaining -= len(chunk)
-            chunk = chunk[: len(chunk) - len(chunk) % dtype.itemsize]
-            nonfinite += int(np.count_nonzero(~np.isfinite(np.frombuffer(chunk, dtype))))
-    if not nonfinite:
+    dtype = np.dtype(header.endian + _NIFTI_FLOAT_TYPES[header.datatype])
+    raw = np.frombuffer(data, dtype, count=int(np.prod(header.dims)), offset=header.offset)
+    if np.isfinite(raw).all():
         return image
-    with opener(path, "rb") as handle:
-        handle.read(header["offset"])
-        raw = np.frombuffer(handle.read(nbytes), dtype).reshape(header["dims"][::-1])
-    values = raw * header["slope"] + header["intercept"]
+    values = raw.reshape(header.dims[::-1]) * header.slope + header.intercept
     restored = sitk.GetImageFromArray(values.astype(sitk.GetArrayViewFromImage(image).dtype))
     restored.CopyInformation(image)
     return restored
 
 
-def _check_slice_spacing(folder: Path, files: Sequence[str]) -> None:
+def _check_slice_spacing(folder: Path, files: Sequence[str], left_out: Sequence[str] = ()) -> None:
     """Refuse a series whose slices are not evenly spaced along their normal (a missing slice): ITK would
     stack them as if they were, and every distance below the gap would be wrong."""
     positions = []
@@ -178,11 +207,13 @@ def _check_slice_spacing(folder: Path, files: Sequence[str]) -> None:
     worst = int(np.argmax(gaps))
     if typical > 0 and gaps[worst] > 1.5 * typical:
         raise UserInputError(f"the DICOM series in {folder} has a gap of {gaps[worst]:.3g} mm after slice {worst + 1} "
-                             f"of {len(positions)} (the others are {typical:.3g} mm apart): a slice is missing; "
-                             "expected evenly spaced slices")  # fmt: skip
+                             f"of {len(positions)} (the others are {typical:.3g} mm apart): a slice is missing"
+                             + (f" (not read as a slice of it: {', '.join(left_out[:3])})" if left_out else "")
+                             + "; expected evenly spaced slices")  # fmt: skip
 
 
 def _read_dicom_series(folder: Path) -> sitk.Image:
+    check_dicom_pixel_data(folder)
     series_ids = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder))
     if not series_ids:
         raise UserInputError(f"no DICOM series found in folder {folder}")
@@ -191,11 +222,16 @@ def _read_dicom_series(folder: Path) -> sitk.Image:
             f"folder {folder} holds {len(series_ids)} DICOM series; expected one (move each series to its own folder)"
         )
     files = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), series_ids[0])
-    _check_slice_spacing(folder, files)
+    check_dicom_folder(folder, series_ids[0], files)
+    listed = {os.path.realpath(f) for f in files}
+    left_out = [f.name for f in sorted(folder.iterdir())
+                if f.is_file() and not f.name.startswith(".") and os.path.realpath(f) not in listed]  # fmt: skip
+    _check_slice_spacing(folder, files, left_out)
     reader = sitk.ImageSeriesReader()
     reader.SetFileNames(files)
     try:
-        return reader.Execute()
+        with _itk_warnings_off():
+            return reader.Execute()
     except RuntimeError as error:
         raise UserInputError(f"cannot read the DICOM series in {folder}: {str(error).strip()[-200:]}") from None
 

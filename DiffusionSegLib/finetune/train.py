@@ -357,6 +357,9 @@ def finetune(cases: Sequence[tuple[sitk.Image, sitk.Image]], labels: Sequence[Or
     _check_labels(labels, [v.present for v in volumes])
     held_out = cfg.val_volumes if len(volumes) >= 3 and len(volumes) > cfg.val_volumes else 0
     train_volumes, val_volumes = volumes[: len(volumes) - held_out], volumes[len(volumes) - held_out :]
+    if not held_out and cfg.val_volumes:
+        log.info("%d case(s): none is held out for validation (that needs 3 or more); the last step's model is kept",
+                 len(volumes))  # fmt: skip
     _check_labels(labels, [v.present for v in train_volumes])
     timings["prepare"] = time.perf_counter() - clock
     pseudo_volumes, cohort_seconds = [], 0.0
@@ -440,7 +443,10 @@ def finetune(cases: Sequence[tuple[sitk.Image, sitk.Image]], labels: Sequence[Or
             record = {"step": step, "minutes": round(elapsed / 60.0, 3), "train_loss": float(np.mean(losses[-50:])),
                       "val_dice": score, "lr": optimiser.param_groups[0]["lr"]}  # fmt: skip
             history.append(record)
-            bar.set_postfix(loss=f"{record['train_loss']:.3f}", val=f"{score:.3f}")
+            shown = {"loss": f"{record['train_loss']:.3f}"}
+            if np.isfinite(score):  # no held-out case (fewer than 3 cases), or none holds the organs: no score
+                shown["val"] = f"{score:.3f}"
+            bar.set_postfix(shown)
             if val_volumes and score > best["score"]:
                 best = {"score": score, "step": step, "network": copy.deepcopy(evaluated.state_dict())}
         if budget_s:  # the step count the budget will allow at this process's rate (for progress only)

@@ -41,6 +41,13 @@ def _with_voxel(value: float):
     return make
 
 
+def _slab(slices: int):
+    def make(folder: Path) -> str:
+        return _save(_ct()[:, :, 10 : 10 + slices], folder / "slab.nii.gz")
+
+    return make
+
+
 def _noise(folder: Path) -> str:
     noise = np.random.default_rng(0).normal(0.0, 300.0, (40, 64, 64)).astype(np.float32)
     return _save(sitk.GetImageFromArray(noise), folder / "noise.nii.gz")
@@ -71,6 +78,12 @@ def _zero_spacing(folder: Path) -> str:
     header[80:84] = struct.pack("<f", 0.0)  # pixdim[1]
     path.write_bytes(bytes(header))
     return str(path)
+
+
+def _huge_spacing(folder: Path) -> str:
+    image = _ct()
+    image.SetSpacing((1.5 * 2**32, 1.5, 3.0))
+    return _save(image, folder / "huge.nrrd")
 
 
 def _dicom_two_series(folder: Path) -> str:
@@ -156,6 +169,8 @@ SUITE = {
     "2D image": (_segment(_array((16, 16))), "is 2D"),
     "4D image": (_coords(_array((3, 8, 16, 16))), "is 4D"),
     "constant volume": (_segment(_array((8, 8, 8), 0)), "constant"),
+    "CT of 3 slices (9 mm)": (_segment(_slab(3)), "covers only 9 mm along its z axis (3 voxels of 3 mm)"),
+    "voxel size beyond any scanner (the x size x 2^32)": (_coords(_huge_spacing), "expected at most 3000 mm"),
     "empty file": (_segment(lambda f: str((f / "e.nii.gz").touch() or f / "e.nii.gz")), "cannot read"),
     "zero voxel size in the NIfTI header": (_coords(_zero_spacing), "expected positive sizes"),
     "input file missing": (_segment(lambda f: str(f / "nope.nii.gz")), "not found"),
@@ -201,3 +216,14 @@ def test_bad_input_is_refused_in_one_line_and_nothing_is_written(row, tmp_path, 
     assert expected in err, err
     assert len(err.splitlines()) == 1 and "Traceback" not in err, err
     assert _snapshot(out) == before  # nothing written, nothing left behind, the earlier files untouched
+
+
+def test_scan_shorter_than_one_window_gets_a_warning_saying_the_window(tmp_path):
+    from DiffusionSegLib.commands.segment import short_scan_note
+    from DiffusionSegLib.probe import ProbeConfig
+
+    backbone = make_backbone(tmp_path / "backbone.safetensors")  # 32-slice windows at 4 mm: 128 mm
+    features = ProbeConfig().feature_config()
+    note = short_scan_note(_ct()[:, :, :12], backbone, features)  # 36 mm
+    assert note is not None and "covers 36 mm" in note and "(32 slices of 4 mm = 128 mm)" in note
+    assert short_scan_note(sitk.Tile([_ct()] * 2, (1, 1, 2)), backbone, features) is None  # 180 mm

@@ -137,6 +137,21 @@ def _weights(result) -> dict:
     return {k: v.clone() for k, v in result.backbone.model.state_dict().items()}
 
 
+def test_two_cases_fine_tune_without_nan_in_the_progress_bar(backbone, tmp_path, capfd, caplog):
+    """With fewer than 3 cases none is held out: the bar shows the loss only (it showed val=nan) and a line says
+    why there is no validation."""
+    case = [str(data_path("labeled/totalseg_example_ct_sm_3mm.nii.gz")),
+            str(data_path("labeled/totalseg_example_sm_seg117_pseudo.nii.gz"))]  # fmt: skip
+    caplog.set_level("INFO")
+    status = main(["finetune", "--backbone", str(backbone.path), "--case", *case, "--case", *case, "--organs",
+                   "liver=5", "--minutes", "0", "--steps", "2", "--val-every", "1", "--spacing", "6", "6", "6",
+                   "--patch", "32", "32", "32", "--device", "cpu", "-o", str(tmp_path / "m.safetensors")])  # fmt: skip
+    err = capfd.readouterr().err
+    assert status == 0 and "loss=" in err, err
+    assert "nan" not in err.lower(), err
+    assert "none is held out for validation" in caplog.text
+
+
 def test_weight_average_is_what_gets_written_and_resumes_exactly(case, backbone, tmp_path):
     """The model written with ``ema_decay`` is the moving average of the raw weights of each step (read from a run
     without it, stopped after every step), with the warm-up decay min(d, (1 + n) / (10 + n))."""

@@ -237,6 +237,22 @@ def test_background_finetune_stopped_early_keeps_a_model_segment_can_use(ds, sce
     assert segmentation.GetSegmentation().GetNumberOfSegments() >= 1
 
 
+def test_coordinates_never_replace_the_volume_they_read(ds, scene, tmp_path, make_case):
+    """A vector volume is also a scalar volume in MRML, so it can be both the input and the chosen output: the
+    logic refuses that before any work, and the input node keeps its voxels."""
+    import SimpleITK as sitk
+
+    from DiffusionSegLib.mrml import coordinate_node_from_image, image_from_volume_node
+
+    logic = ds.DiffusionSegLogic(scene, probeFolder=tmp_path)
+    ct, _, _ = make_case(scene, {5: "liver"})
+    vectors = coordinate_node_from_image(sitk.Compose([sitk.Cast(ct, sitk.sitkFloat32)] * 3), scene, "vectors")
+    before = sitk.GetArrayFromImage(image_from_volume_node(vectors)).tobytes()
+    with pytest.raises(ValueError, match="is the input volume"):
+        logic.prepareCoordinates(vectors, outputNode=vectors)
+    assert sitk.GetArrayFromImage(image_from_volume_node(vectors)).tobytes() == before
+
+
 def test_finetune_learns_from_the_scenes_unlabeled_volumes_too(ds, scene, tiny_backbone, make_case, tmp_path):
     """The training panel with two labeled volumes and three unlabeled real CT volumes in the scene: the three are
     preselected as the unlabeled cohort, registered to, and recorded in the model; its run folder keeps each
