@@ -358,6 +358,29 @@ def summarise(row: dict, info: dict, scores: dict) -> dict:
                 external=external, segment_s=float(np.mean([c["segment_s"] for c in test.values()])))  # fmt: skip
 
 
+def fewshot_summary(rows: list[dict]) -> list[str]:
+    """Lines of the few-shot table: per method (and tag), the test mean of each draw, their mean and the worst."""
+    import re
+
+    groups: dict[str, dict[int, float]] = {}
+    for r in rows:
+        if r["regime"] != "fewshot":
+            continue
+        groups.setdefault(re.sub(rf"_d{r['draw']}(?=_|$)", "", r["name"]), {})[r["draw"]] = r["groups"]["mean"]
+    if not groups:
+        return []
+    lines = ["", "Few-shot draws (mean Dice over 13 organs on the 5 test cases):", "",
+             "| rows | " + " | ".join(f"d{d}" for d in DRAWS) + " | mean of the draws | worst |",
+             "|---|" + "---:|" * (len(DRAWS) + 2)]  # fmt: skip
+    for name, by_draw in sorted(groups.items()):
+        cells = [f"{by_draw[d]:.3f}" if d in by_draw else "–" for d in DRAWS]
+        values = list(by_draw.values())
+        complete = len(by_draw) == len(DRAWS)
+        mean = f"{np.mean(values):.3f}" + ("" if complete else f" ({len(values)} draws)")
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {mean} | {min(values):.3f} |")
+    return lines
+
+
 def write_report(rows: list[dict]) -> None:
     (OUT / "report.json").write_text(json.dumps(rows, indent=1))
     short = {"spleen": "spl", "right kidney": "rkid", "left kidney": "lkid", "liver": "liv", "aorta": "aor",
@@ -379,6 +402,7 @@ def write_report(rows: list[dict]) -> None:
                      f"{budget} | {r['wall_minutes']:.1f} | {r['steps']} | {g['big']:.3f} | {g['medium']:.3f} | "
                      f"{g['small']:.3f} | "
                      f"{g['mean']:.3f} ± {r['mean_spread']:.3f} | {organs} |")  # fmt: skip
+    lines += fewshot_summary(rows)
     lines += ["", "External test (3D-IRCADb, never trained on), Dice per labeled organ:", ""]
     for r in rows:
         parts = [f"{case}: " + ", ".join(f"{o} {d:.3f}" for o, d in dice.items()) for case, dice in r["external"].items()]

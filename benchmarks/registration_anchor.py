@@ -62,7 +62,9 @@ def _scan(volume):
 def fuse(target_volume, propagations, method: str) -> tuple[np.ndarray, float]:
     """One class map on the target's working grid from the warped atlases, and the seconds the fusion took."""
     import ants
+    import SimpleITK as sitk
 
+    from DiffusionSegLib.cohort.registration import ants_image, windowed
     from DiffusionSegLib.probe.sampling import IGNORE
 
     started = time.perf_counter()
@@ -78,16 +80,10 @@ def fuse(target_volume, propagations, method: str) -> tuple[np.ndarray, float]:
         counts = np.stack([(stack == c).sum(0) for c in range(int(stack.max()) + 1)])
         return counts.argmax(0).astype(np.uint8), time.perf_counter() - started
     image = target_volume.working
-    to_ants = lambda a: ants.from_numpy(np.ascontiguousarray(a.astype(np.float32).transpose(2, 1, 0)),
-                                        origin=list(image.GetOrigin()), spacing=list(image.GetSpacing()),
-                                        direction=np.asarray(image.GetDirection()).reshape(3, 3))  # fmt: skip
-    import SimpleITK as sitk
-
-    hu = sitk.GetArrayViewFromImage(image)
-    target = to_ants(np.clip((hu + 125.0) / 400.0, 0.0, 1.0))
-    mask = to_ants((hu > -100.0).astype(np.float32))
-    result = ants.joint_label_fusion(target, mask, atlas_list=[to_ants(p.image) for p in propagations], beta=4,
-                                     rad=2, label_list=[to_ants(p.classes) for p in propagations],
+    target = ants_image(windowed(image, (-125.0, 275.0)), image)
+    mask = ants_image(sitk.GetArrayViewFromImage(image) > -100.0, image)
+    result = ants.joint_label_fusion(target, mask, atlas_list=[ants_image(p.image, image) for p in propagations],
+                                     beta=4, rad=2, label_list=[ants_image(p.classes, image) for p in propagations],
                                      max_lab_plus_one=True)  # fmt: skip
     fused = np.ascontiguousarray(result["segmentation"].numpy().transpose(2, 1, 0)).round().astype(np.int64)
     # the segmentation holds the atlases' label values (class indices here); max_lab_plus_one gives background

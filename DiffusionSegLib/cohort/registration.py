@@ -125,13 +125,18 @@ def initial_transform(fixed_fit: np.ndarray, moving_fit: np.ndarray) -> sitk.Aff
     return transform
 
 
-def _to_ants(image: sitk.Image, window_hu):
+def ants_image(array: np.ndarray, reference: sitk.Image):
+    """A ``(D, H, W)`` array on ``reference``'s grid as a float32 ANTs image (ANTs indexes x, y, z)."""
     ants = require_ants()
+    return ants.from_numpy(np.ascontiguousarray(np.asarray(array, dtype=np.float32).transpose(2, 1, 0)),
+                           origin=list(reference.GetOrigin()), spacing=list(reference.GetSpacing()),
+                           direction=np.asarray(reference.GetDirection()).reshape(3, 3))  # fmt: skip
+
+
+def windowed(image: sitk.Image, window_hu) -> np.ndarray:
+    """The HU image windowed and scaled to [0, 1], ``(D, H, W)`` float32."""
     low, high = window_hu
-    array = np.clip((sitk.GetArrayViewFromImage(image).astype(np.float32) - low) / (high - low), 0.0, 1.0)
-    return ants.from_numpy(np.ascontiguousarray(array.transpose(2, 1, 0)), origin=list(image.GetOrigin()),
-                           spacing=list(image.GetSpacing()),
-                           direction=np.asarray(image.GetDirection()).reshape(3, 3))  # fmt: skip
+    return np.clip((sitk.GetArrayViewFromImage(image).astype(np.float32) - low) / (high - low), 0.0, 1.0)
 
 
 def _write_ants_affine(transform: sitk.AffineTransform, folder) -> str:
@@ -174,10 +179,9 @@ def register_labels(target: WorkingScan, atlas: WorkingScan, atlas_classes: np.n
     ants = require_ants()
     cfg = cfg or RegistrationConfig()
     started = time.perf_counter()
-    fixed, moving = _to_ants(target.image, cfg.window_hu), _to_ants(atlas.image, cfg.window_hu)
-    labels = ants.from_numpy(np.ascontiguousarray(atlas_classes.astype(np.float32).transpose(2, 1, 0)),
-                             origin=list(atlas.image.GetOrigin()), spacing=list(atlas.image.GetSpacing()),
-                             direction=np.asarray(atlas.image.GetDirection()).reshape(3, 3))  # fmt: skip
+    fixed = ants_image(windowed(target.image, cfg.window_hu), target.image)
+    moving = ants_image(windowed(atlas.image, cfg.window_hu), atlas.image)
+    labels = ants_image(atlas_classes, atlas.image)
     with tempfile.TemporaryDirectory(prefix="diffusionseg-reg-") as folder:
         options = {"random_seed": cfg.seed}
         if cfg.bpr_start and target.fit is not None and atlas.fit is not None:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import logging
 import time
+from pathlib import Path
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +65,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from DiffusionSegLib.commands.interrupt import stop_requests
     from DiffusionSegLib.commands.train_probe import case_inputs, labeled_pairs
-    from DiffusionSegLib.data.gate import check_output_path
+    from DiffusionSegLib.data.gate import check_output_path, read_ct
     from DiffusionSegLib.errors import UserInputError
     from DiffusionSegLib.finetune import FinetuneConfig, backbone_output_path, finetune
     from DiffusionSegLib.pretrain.export import load_backbone
@@ -84,21 +85,23 @@ def run(args: argparse.Namespace) -> int:
         cfg = FinetuneConfig(**options)
     except ValueError as error:
         raise UserInputError(str(error)) from None
-    inputs = case_inputs(args, args.backbone or default_backbone_path())
+    unlabeled_paths = []
+    if args.unlabeled:
+        from DiffusionSegLib.cohort.registration import require_ants
+        from DiffusionSegLib.data.datasets import find_unlabeled_scans
+
+        require_ants()
+        unlabeled_paths = find_unlabeled_scans(args.unlabeled, exclude=[pair[0] for pair in args.case or ()])
+    inputs = case_inputs(args, args.backbone or default_backbone_path()) + unlabeled_paths
     check_output_path(args.output, (".safetensors",), "model", inputs)
     check_output_path(backbone_output_path(args.output), (".safetensors",), "fine-tuned backbone", inputs,
                       {"model": args.output})  # fmt: skip
     backbone = load_backbone(args.backbone or default_backbone_path())
     cases, labels, names = labeled_pairs(args)
-    unlabeled, unlabeled_names = [], []
-    if args.unlabeled:
-        from DiffusionSegLib.cohort.registration import require_ants
-        from DiffusionSegLib.data.datasets import find_unlabeled_scans
-        from DiffusionSegLib.data.gate import read_ct
-
-        require_ants()
-        paths = find_unlabeled_scans(args.unlabeled, exclude=names)
-        unlabeled, unlabeled_names = [read_ct(p) for p in paths], [str(p) for p in paths]
+    unlabeled_paths = [p for p in unlabeled_paths if p.resolve() not in {Path(n).resolve() for n in names}]
+    unlabeled = [read_ct(p, f"unlabeled scan '{p.name}'") for p in unlabeled_paths]
+    unlabeled_names = [str(p) for p in unlabeled_paths]
+    if unlabeled:
         log.info("learning from %d unlabeled scan(s) too", len(unlabeled))
     with stop_requests() as should_stop:  # Ctrl-C / SIGTERM: the loop writes the best model so far and a snapshot
         start = time.perf_counter()
