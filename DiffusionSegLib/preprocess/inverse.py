@@ -26,6 +26,9 @@ __all__ = ["AxisMap", "axis_maps", "argmax_on_input_grid"]
 
 _BAND_CHUNK = 1 << 20
 """Band voxels blended at once (bounds the temporary (chunk, classes) arrays to tens of MB)."""
+_SLAB_VOXELS = 1 << 22
+"""Input voxels labelled at once (slabs of input slices): the temporaries stay a few tens of MB whatever the size
+of the input."""
 
 
 @dataclass
@@ -122,23 +125,33 @@ def argmax_on_input_grid(probabilities: np.ndarray, working: sitk.Image, input_g
     cells[:-1, :-1, :-1] = np.where(mixed, -1, core)
     del padded, core, mixed
     cell_index = [np.where(m.inside, m.i0, labels.shape[m.working_axis]) for m in maps]
-    classes = _gather(cells, maps, cell_index)
-    band = np.nonzero(classes < 0)
-    if band[0].size:
-        classes[band] = _blend_argmax(probabilities, maps, band)
-    return classes.astype(np.uint8)
+    flat = np.ascontiguousarray(np.moveaxis(probabilities, 0, -1), dtype=np.float32).reshape(-1, num_classes)
+    shape = tuple(index.size for index in cell_index)
+    classes = np.empty(shape, dtype=np.uint8)
+    step = max(1, _SLAB_VOXELS // max(1, shape[1] * shape[2]))
+    for start in range(0, shape[0], step):
+        part = _gather(cells, maps, [cell_index[0][start : start + step], *cell_index[1:]])
+        band = np.nonzero(part < 0)
+        if band[0].size:
+            part[band] = _blend_argmax(flat, probabilities.shape[1:], maps, (band[0] + start, *band[1:]))
+        classes[start : start + step] = part
+    return classes
 
 
-def _blend_argmax(probabilities: np.ndarray, maps: list[AxisMap], band: tuple[np.ndarray, ...]) -> np.ndarray:
+def _blend_argmax(flat: np.ndarray, shape: tuple[int, ...], maps: list[AxisMap],
+                  band: tuple[np.ndarray, ...]) -> np.ndarray:  # fmt: skip
     """Argmax of the trilinear blend of the classes at the input voxels ``band`` (all inside the working grid).
 
     A blend is a convex combination of its 8 stencil voxels, so class ``k`` cannot win where its largest value
     over the stencil is below the smallest value some other class takes over it: per stencil only the classes
-    that pass this bound are blended (mostly two, the classes either side of the border)."""
-    num_classes = probabilities.shape[0]
-    shape = probabilities.shape[1:]
+    that pass this bound are blended (mostly two, the classes either side of the border).
+
+    Args:
+        flat: the probabilities class-last, ``(D * H * W, C)``; ``shape``: (D, H, W).
+        maps: the input axes' :class:`AxisMap`; ``band``: input array indices of the voxels.
+    """
+    num_classes = flat.shape[1]
     strides = np.array([shape[1] * shape[2], shape[2], 1], dtype=np.int64)
-    flat = np.ascontiguousarray(np.moveaxis(probabilities, 0, -1), dtype=np.float32).reshape(-1, num_classes)
     # per band voxel, per input array axis: working offsets of i0 and i1 and the weight of i1
     axes = []
     for m, idx in zip(maps, band, strict=True):
