@@ -139,7 +139,7 @@ def _coordinates_on_input(inputs, prepared) -> sitk.Image:
     return to_input_grid(coordinates_to_image(working, prepared.image), prepared, "linear", 0.0)
 
 
-def _body_axis_maps(image: sitk.Image, probes, report) -> dict:
+def _body_axis_maps(image: sitk.Image, probes, report, reference_path: bool = False) -> dict:
     """Per BPR hash, the body-axis coordinate of the input grid for the probes that recorded where their organs
     lie (computed once per BPR); probes whose BPR is not installed get none (and a log line)."""
     from DiffusionSegLib.probe.extent import body_axis_for
@@ -154,14 +154,14 @@ def _body_axis_maps(image: sitk.Image, probes, report) -> dict:
             log.info("field of view not checked: the BPR this probe measured its organs with is not installed")
             continue
         report(0.8, "finding the field of view")
-        maps[axis.sha256] = axis.slab_map(image)
+        maps[axis.sha256] = axis.z_map(image) if reference_path else axis.slab_map(image)
     return maps
 
 
 def segment(image: sitk.Image, probe: TrainedProbe, backbone, *, largest_component: bool = False,
             uncertainty: bool = False, num_noise_draws: int | None = None, window_vox=None,
             overlap: float | None = None, device: str | None = None, bpr=None, coordinates: bool = False,
-            precision: str = "auto", progress: bool = False,
+            precision: str = "auto", reference_path: bool = False, progress: bool = False,
             progress_callback: Callable[[float, str], None] | None = None,
             should_stop: Callable[[], bool] | None = None) -> SegmentationResult:  # fmt: skip
     """Segment the probe's organs in a CT.
@@ -178,6 +178,8 @@ def segment(image: sitk.Image, probe: TrainedProbe, backbone, *, largest_compone
             preparing the volume and running the BPR a second time for a coordinate map).
         precision: arithmetic of the backbone and heads, ``"auto"`` (bfloat16 where it is faster and agrees,
             see :mod:`DiffusionSegLib.precision`), ``"float32"`` or ``"bfloat16"``.
+        reference_path: map back the straightforward way (every class resampled through physical space, the
+            body-axis map at full resolution): the slow path the default one reproduces, kept for checks.
         progress: show MONAI's sliding-window progress bar.
         progress_callback: called as ``(fraction, message)``.
         should_stop: polled per window batch; True raises :class:`SegmentationCancelled`.
@@ -196,7 +198,7 @@ def segment(image: sitk.Image, probe: TrainedProbe, backbone, *, largest_compone
     return segment_with_probes(image, [probe], backbone, largest_component=largest_component,
                                uncertainty=uncertainty, num_noise_draws=num_noise_draws, window_vox=window_vox,
                                overlap=overlap, device=device, bpr=bpr, coordinates=coordinates, precision=precision,
-                               progress=progress, progress_callback=progress_callback,
+                               reference_path=reference_path, progress=progress, progress_callback=progress_callback,
                                should_stop=should_stop)[0]  # fmt: skip
 
 
@@ -204,7 +206,7 @@ def segment_with_probes(image: sitk.Image, probes: Sequence[TrainedProbe], backb
                         largest_component: bool = False, uncertainty: bool = False,
                         num_noise_draws: int | None = None, window_vox=None, overlap: float | None = None,
                         device: str | None = None, bpr=None, coordinates: bool = False, precision: str = "auto",
-                        progress: bool = False, progress_callback: Callable[[float, str], None] | None = None,
+                        reference_path: bool = False, progress: bool = False, progress_callback: Callable[[float, str], None] | None = None,
                         should_stop: Callable[[], bool] | None = None) -> list[SegmentationResult]:  # fmt: skip
     """Segment a CT with several probes of one backbone in one pass: the volume is prepared, and each window
     goes through the backbone, once; every probe head reads the same pyramid (e.g. a linear and a non-linear
@@ -243,7 +245,8 @@ def segment_with_probes(image: sitk.Image, probes: Sequence[TrainedProbe], backb
 
     report(0.0, "preparing the volume")
     prepared = prepare_volume(image, backbone.pretrain.preprocess)
-    inputs = build_inputs(prepared.image, backbone, cfg, bpr=bpr, device=compute)
+    with torch.no_grad(), autocast_context(precision, compute):  # the BPR is a network too
+        inputs = build_inputs(prepared.image, backbone, cfg, bpr=bpr, device=compute)
     if coordinates and not inputs.num_coords:
         raise UserInputError(f"backbone '{Path(backbone.path).name}' uses no BPR coordinates: there is no "
                              "coordinate map to return")  # fmt: skip
@@ -265,7 +268,8 @@ def segment_with_probes(image: sitk.Image, probes: Sequence[TrainedProbe], backb
     del output
     seconds["features"] = time.perf_counter() - clock
     clock = time.perf_counter()
-    body_z = _body_axis_maps(image, probes, report)
+    with torch.no_grad(), autocast_context(precision, compute):
+        body_z = _body_axis_maps(image, probes, report, reference_path)
     seconds["field_of_view"] = time.perf_counter() - clock
     shared = {stage: value / len(probes) for stage, value in seconds.items()}
 
@@ -277,7 +281,7 @@ def segment_with_probes(image: sitk.Image, probes: Sequence[TrainedProbe], backb
         probe_votes = None if votes is None else votes[0, index].numpy()
         result = _finish(image, prepared, probe, probabilities, probe_votes, uncertainty, largest_component,
                          lambda f, message: report(0.8 + 0.2 * (index + f) / len(probes), message),
-                         body_z)  # fmt: skip
+                         body_z, reference_path)  # fmt: skip
         result.seconds = shared | result.seconds
         result.seconds["total"] = sum(result.seconds.values())
         result.coordinates = coordinate_image if index == 0 else None
@@ -291,15 +295,16 @@ def segment_with_probes(image: sitk.Image, probes: Sequence[TrainedProbe], backb
 
 
 def _finish(image: sitk.Image, prepared, probe: TrainedProbe, probabilities: np.ndarray, votes: np.ndarray | None,
-            uncertainty: bool, largest_component: bool, report, body_z: dict) -> SegmentationResult:  # fmt: skip
+            uncertainty: bool, largest_component: bool, report, body_z: dict,
+            reference_path: bool = False) -> SegmentationResult:  # fmt: skip
     """Working-grid class probabilities of one probe → its label map (and uncertainty) on the input grid, the
     field of view applied (``body_z``: body-axis maps by BPR hash); ``report`` takes fractions of this step."""
     from DiffusionSegLib.preprocess.inverse import argmax_on_input_grid
 
     clock = time.perf_counter()
     report(0.0, "resampling to the input grid")
-    classes = argmax_on_input_grid(probabilities, prepared.image, prepared.input_grid)
-    if classes is None:  # an oblique input grid: resample through physical space
+    classes = None if reference_path else argmax_on_input_grid(probabilities, prepared.image, prepared.input_grid)
+    if classes is None:  # an oblique input grid (or the reference path): resample through physical space
         classes = running_argmax(probabilities, prepared)
     uncertainty_image, kind = None, None
     if uncertainty:
