@@ -252,8 +252,8 @@ def finetune(cases: Sequence[tuple[sitk.Image, sitk.Image]], labels: Sequence[Or
 
     from DiffusionSegLib.checkpoint import load_training_state, save_training_state
     from DiffusionSegLib.features import FeatureConfig, resolve_device
-    from DiffusionSegLib.precision import autocast_context
     from DiffusionSegLib.features.extractor import _bpr_model
+    from DiffusionSegLib.precision import autocast_context
     from DiffusionSegLib.probe.extent import record_field_of_view
     from DiffusionSegLib.probe.sampling import prepare_labeled_volume
     from DiffusionSegLib.probe.train import _check_labels, build_head

@@ -187,8 +187,8 @@ def _smoothed_samples(image: sitk.Image, target: sitk.Image, sigmas: Sequence[fl
     def smooth(array: np.ndarray, axis: int) -> np.ndarray:  # axis: array axis (0 z, 1 y, 2 x)
         volume = sitk.GetImageFromArray(array)
         volume.SetSpacing(spacing)
-        filtered = sitk.RecursiveGaussian(volume, float(sigmas[2 - axis]), False, sitk.RecursiveGaussianImageFilter.ZeroOrder,
-                                          2 - axis)  # fmt: skip
+        filtered = sitk.RecursiveGaussian(volume, float(sigmas[2 - axis]), False,
+                                          sitk.RecursiveGaussianImageFilter.ZeroOrder, 2 - axis)
         return sitk.GetArrayFromImage(filtered)
 
     array = sitk.GetArrayViewFromImage(image)

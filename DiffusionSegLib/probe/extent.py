@@ -197,7 +197,8 @@ def apply_field_of_view(label_array: np.ndarray, z: np.ndarray, hu: np.ndarray, 
 
     Args:
         label_array: (z, y, x) label map with the organs' ids.
-        z: body-axis coordinate (mm) on the same grid (an array or a :class:`SlabZ`); ``hu``: the CT's voxels (body voxels set the coverage).
+        z: body-axis coordinate (mm) on the same grid (an array or a :class:`SlabZ`); ``hu``: the CT's voxels
+            (body voxels set the coverage).
         labels: the organs; ``ranges``: their recorded ``[low, high]`` (organs without one are left alone).
         margin_mm: widening of each range.
     """

@@ -206,7 +206,8 @@ def segment_with_probes(image: sitk.Image, probes: Sequence[TrainedProbe], backb
                         largest_component: bool = False, uncertainty: bool = False,
                         num_noise_draws: int | None = None, window_vox=None, overlap: float | None = None,
                         device: str | None = None, bpr=None, coordinates: bool = False, precision: str = "auto",
-                        reference_path: bool = False, progress: bool = False, progress_callback: Callable[[float, str], None] | None = None,
+                        reference_path: bool = False, progress: bool = False,
+                        progress_callback: Callable[[float, str], None] | None = None,
                         should_stop: Callable[[], bool] | None = None) -> list[SegmentationResult]:  # fmt: skip
     """Segment a CT with several probes of one backbone in one pass: the volume is prepared, and each window
     goes through the backbone, once; every probe head reads the same pyramid (e.g. a linear and a non-linear
