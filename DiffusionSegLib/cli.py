@@ -32,7 +32,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The parser of every subcommand; with ``only``, the arguments of that subcommand alone are loaded (the other
+    subcommands' modules, and the torch they import, are not: ``diffusionseg --help`` answers at once)."""
     parser = argparse.ArgumentParser(
         prog="diffusionseg",
         description="Anatomically guided diffusion pretraining and few-shot organ segmentation for CT.",
@@ -40,6 +42,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, (module_name, summary) in COMMANDS.items():
+        if only is not None and name != only:
+            subparsers.add_parser(name, help=summary, description=summary)
+            continue
         module = importlib.import_module(f"DiffusionSegLib.commands.{module_name}")
         sub = subparsers.add_parser(name, help=summary, description=(module.__doc__ or summary).strip())
         module.add_arguments(sub)
@@ -49,7 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit status (0 ok, 2 bad input or arguments)."""
-    parser = build_parser()
+    tokens = list(sys.argv[1:] if argv is None else argv)
+    command = next((t for t in tokens if not t.startswith("-")), "")  # the subcommand (only -v comes before it)
+    parser = build_parser(only=command)
     args, extra = parser.parse_known_args(argv)
     if extra and not getattr(args, "_accepts_overrides", False):
         parser.error(f"unrecognized arguments: {' '.join(extra)}")

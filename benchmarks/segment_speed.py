@@ -5,8 +5,15 @@
     python benchmarks/segment_speed.py --volume CT --probe P --backbone B --threads 2
 
 Ours (``DiffusionSegLib.segment``): SimpleITK preprocessing (LPS, body crop, resampling to the working grid),
-BPR coordinates, the backbone and probe inside MONAI sliding windows, probabilities mapped back to the input grid
-one class at a time (running argmax), ``.seg.nrrd`` written.
+BPR coordinates, the backbone and probe inside MONAI sliding windows, class probabilities turned into labels on
+the input grid (read off the working-grid labels, blended only near borders), the field of view, ``.seg.nrrd``
+written. It runs in float32 and under bfloat16 autocast (``--precisions``; ``auto``'s choice on this machine is
+recorded), and once more by the reference path (``segment(..., reference_path=True)``, float32: every class
+resampled through physical space, the full-resolution body-axis map, the whole-image anti-aliasing filter — what
+``segment`` did before the fast path):
+its stage times are the "before" of the same run, and its labels are what the fast path must reproduce (voxel
+agreement and per-organ Dice are reported). ``--cli`` also times the command line in a fresh process
+(``diffusionseg segment`` and ``diffusionseg --help``).
 
 Baseline, in the same run, with the same backbone, probe, BPR, window, overlap and noise: what a MONAI user would
 write — ``LoadImaged`` → ``Orientationd`` → ``Spacingd`` (no body crop), BPR coordinates,
@@ -22,6 +29,7 @@ Labels of the two paths are compared (agreement in % of voxels), so a faster pat
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -89,25 +97,66 @@ class MemorySampler:
 
 
 def run_ours(volume: Path, probe_path: Path, backbone_path: Path, device: torch.device, out_dir: Path,
-             memory: MemorySampler) -> dict:  # fmt: skip
+             memory: MemorySampler, precision: str = "float32", reference_path: bool = False,
+             label: str = "ours") -> dict:  # fmt: skip
     from DiffusionSegLib.data.volume import read_volume
     from DiffusionSegLib.probe import load_probe, segment, write_segmentation
     from DiffusionSegLib.pretrain.export import load_backbone
 
     times: dict[str, float] = {}
-    with memory.measure("ours: read", times):
+    with memory.measure(f"{label}: read", times):
         image = read_volume(volume)
-    with memory.measure("ours: load models", times):
+    with memory.measure(f"{label}: load models", times):
         backbone = load_backbone(backbone_path)
         probe = load_probe(probe_path, backbone)
-    with memory.measure("ours: segment", times):
-        result = segment(image, probe, backbone, device=str(device))
-    with memory.measure("ours: write", times):
-        write_segmentation(result, out_dir / "ours.seg.nrrd")
-    stages = {"prepare + BPR": result.seconds["prepare"], "backbone + probe": result.seconds["features"],
-              "to input grid": result.seconds["to_input_grid"]}  # fmt: skip
+    from unittest import mock
+
+    # the reference path is the code before the fast path, preparation included: the whole-image smoothing too
+    old_smoothing = mock.patch("DiffusionSegLib.preprocess.spatial._smoothed_samples", lambda *args: None)
+    with memory.measure(f"{label}: segment", times), old_smoothing if reference_path else contextlib.nullcontext():
+        result = segment(image, probe, backbone, device=str(device), precision=precision,
+                         reference_path=reference_path)  # fmt: skip
+    with memory.measure(f"{label}: write", times):
+        write_segmentation(result, out_dir / f"{label.replace(' ', '_')}.seg.nrrd")
+    stages = {name: result.seconds.get(key, 0.0) for key, name in SEGMENT_STAGES.items()}
     return {"image": image, "labels": result.labels, "times": times, "segment_stages": stages,
-            "working_size": list(reversed(result.working_size)), "backbone": backbone, "probe": probe}  # fmt: skip
+            "precision": result.precision, "working_size": list(reversed(result.working_size)),
+            "backbone": backbone, "probe": probe}  # fmt: skip
+
+
+SEGMENT_STAGES = {"prepare": "prepare + BPR", "features": "backbone + probe", "field_of_view": "field of view",
+                  "to_input_grid": "to input grid", "cleanup": "cleanup", "total": "segment total"}  # fmt: skip
+
+
+def label_agreement(labels, reference) -> dict:
+    """Voxel agreement of two label images and, per organ of either, Dice."""
+    import SimpleITK as sitk
+
+    a, b = sitk.GetArrayViewFromImage(labels), sitk.GetArrayViewFromImage(reference)
+    dice = {}
+    for value in sorted(set(np.unique(a).tolist()) | set(np.unique(b).tolist()) - {0}):
+        x, y = a == value, b == value
+        dice[int(value)] = float(2 * np.sum(x & y) / (x.sum() + y.sum()))
+    return {"agreement": float(np.mean(a == b)), "min_dice": min(dice.values(), default=1.0), "dice": dice}
+
+
+def cli_seconds(volume: Path, probe_path: Path, out_dir: Path, threads: int) -> dict:
+    """Wall time of the command line in a fresh process: ``diffusionseg --help`` and ``diffusionseg segment``."""
+    import subprocess
+
+    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    if threads:
+        env["OMP_NUM_THREADS"] = str(threads)
+    base = [sys.executable, "-m", "DiffusionSegLib.cli"]
+    out = {}
+    for name, args in (("help", ["--help"]),
+                       ("segment", ["segment", str(volume), "--probe", str(probe_path), "-o",
+                                    str(out_dir / "cli.seg.nrrd")])):  # fmt: skip
+        start = time.perf_counter()
+        subprocess.run(base + args, check=True, env=env, cwd=REPO, stdout=subprocess.DEVNULL,
+                       stderr=subprocess.DEVNULL)  # fmt: skip
+        out[name] = time.perf_counter() - start
+    return out
 
 
 def run_monai_baseline(volume: Path, backbone, probe, device: torch.device, out_dir: Path,
@@ -184,52 +233,82 @@ def network_flops(backbone, probe, window: tuple[int, int, int], device: torch.d
 
 def markdown(result: dict) -> str:
     m, a = result["machine"], result["args"]
-    ours, base = result["ours"], result["monai"]
     gib = 1024**3
+    runs = dict(sorted(result["runs"].items(), key=lambda item: not item[0].startswith("reference")))
     lines = [
         "# End-to-end segmentation speed",
         "",
         f"`python benchmarks/segment_speed.py {' '.join(a['argv'])}` — torch {m['torch']}, "
-        f"{m['gpu'] or m['cpu']}, {m['threads']} threads, git {m['git_sha']}, {m['date']}.",
+        f"{m['gpu'] or m['cpu']}, {m['threads']} threads, git {m['git_sha']}, {m['date']}; "
+        f"median of {a['repeats']} run(s) per fast path.",
         "",
         f"Input: `{a['volume_name']}` {' x '.join(map(str, result['input_size']))} voxels; backbone "
-        f"`{a['backbone_name']}`, probe `{a['probe_name']}` ({result['num_classes']} classes). Working grids (z, y, x): "
-        f"ours {' x '.join(map(str, ours['working_size']))} (cropped to the body), MONAI's "
-        f"{' x '.join(map(str, base['grid']))} (not cropped).",
+        f"`{a['backbone_name']}`, probe `{a['probe_name']}` ({result['num_classes']} classes); working grid (z, y, x) "
+        f"{' x '.join(map(str, result['working_size']))}. `precision=\"auto\"` chooses **{result['auto']}** here.",
         "",
-        "| path | stage | seconds | peak RSS (GiB) |",
-        "| --- | --- | ---: | ---: |",
-    ]
-    for path, entry in (("ours", ours), ("MONAI baseline", base)):
-        for stage, seconds in entry["times"].items():
+        "| stage (seconds) | " + " | ".join(runs) + (" | reference / fast float32 |" if "reference float32" in runs
+                                                      and "fast float32" in runs else " |"),
+        "| --- |" + " ---: |" * (len(runs) + ("reference float32" in runs and "fast float32" in runs)),
+    ]  # fmt: skip
+    stage_names = list(SEGMENT_STAGES.values())
+    for stage in stage_names + ["read", "load models", "write", "in process, end to end"]:
+        values = [run["stages"].get(stage) for run in runs.values()]
+        row = f"| {'**' + stage + '**' if stage.startswith(('segment', 'in process')) else stage} | " + " | ".join(
+            "" if v is None else f"{v:.2f}" for v in values) + " |"  # fmt: skip
+        if "reference float32" in runs and "fast float32" in runs:
+            ref, fast = runs["reference float32"]["stages"].get(stage), runs["fast float32"]["stages"].get(stage)
+            row += f" {ref / fast:.1f}x |" if ref and fast and fast > 0.005 else " |"
+        lines.append(row)
+    lines += ["", "Peak resident memory (GiB) while segmenting: " + ", ".join(
+        f"{name} {run['peak_segment'] / gib:.2f}" for name, run in runs.items()) + "."]  # fmt: skip
+    if result.get("agreement"):
+        lines += ["", "Labels against the reference path (float32) of the same run:", ""]
+        for name, agreement in result["agreement"].items():
+            lines.append(f"* {name}: {100 * agreement['agreement']:.4f}% of voxels agree; lowest organ Dice "
+                         f"{agreement['min_dice']:.4f}")  # fmt: skip
+    if result.get("cli"):
+        c = result["cli"]
+        lines += ["", f"Command line, fresh process: `diffusionseg segment` {c['segment']:.2f} s wall (start-up, "
+                  f"reading, models, segmentation, writing; precision auto), `diffusionseg --help` {c['help']:.2f} s."]
+    if result.get("monai"):
+        base = result["monai"]
+        lines += ["", "| MONAI baseline stage | seconds | peak RSS (GiB) |", "| --- | ---: | ---: |"]
+        for stage, seconds in base["times"].items():
             peak = result["memory_peaks"].get(stage, 0) / gib
-            cuda = result["memory_peaks"].get(stage + " (cuda)")
-            extra = f" (CUDA {cuda / gib:.2f})" if cuda is not None else ""
-            lines.append(f"| {path} | {stage.split(': ', 1)[1]} | {seconds:.2f} | {peak:.2f}{extra} |")
-        lines.append(f"| **{path}** | **total** | **{sum(entry['times'].values()):.2f}** | |")
-    lines += ["", "Inside our `segment`: " + ", ".join(f"{k} {v:.2f} s" for k, v in ours["segment_stages"].items()),
-              "", f"**Ours / MONAI baseline: {result['speedup']:.2f}x faster end to end**; labels agree on "
-              f"{100 * result['agreement']:.2f}% of voxels ({100 * result['agreement_foreground']:.1f}% of the voxels "
-              "either path labels as an organ).", ""]  # fmt: skip
+            lines.append(f"| {stage.split(': ', 1)[1]} | {seconds:.2f} | {peak:.2f} |")
+        lines += [f"| **total** | **{sum(base['times'].values()):.2f}** | |", "",
+                  f"**Ours (fast, {result['ours_run']}) / MONAI baseline: {result['speedup']:.2f}x faster end to end** "
+                  f"(MONAI grid {' x '.join(map(str, base['grid']))}, not cropped); labels agree on "
+                  f"{100 * result['monai_agreement']:.2f}% of voxels "
+                  f"({100 * result['monai_agreement_foreground']:.1f}% "
+                  "of the voxels either path labels as an organ). The baseline resamples without anti-aliasing and "
+                  "on a grid aligned differently, so its labels are a sanity check, not a target."]  # fmt: skip
     f = result["flops"]
-    lines += [f"Network: {f['per_window'] / 1e9:.2f} GFLOP per window x {f['windows_ours']} windows = "
-              f"{f['ours_total'] / 1e12:.2f} TFLOP for our path ({f['windows_monai']} windows, "
-              f"{f['monai_total'] / 1e12:.2f} TFLOP for the baseline, which does not crop to the body). Achieved "
-              f"{f['ours_rate'] / 1e9:.0f} GFLOP/s in the backbone + probe stage = "
+    lines += ["", f"Network: {f['per_window'] / 1e9:.2f} GFLOP per window x {f['windows_ours']} windows = "
+              f"{f['ours_total'] / 1e12:.2f} TFLOP; achieved {f['ours_rate'] / 1e9:.0f} GFLOP/s in float32 = "
               f"{100 * f['ours_rate'] / f['ceiling']:.0f}% of the measured conv3d ceiling "
-              f"({f['ceiling'] / 1e9:.0f} GFLOP/s, forward + backward of large 3x3x3 convolutions)."]  # fmt: skip
-    lines += ["", "Label agreement is a sanity check, not a target: the baseline resamples without anti-aliasing (our "
-              "preprocessing smooths before downsampling, as in pretraining) and on a grid aligned differently, so "
-              "the input voxels differ; a weak probe turns such input differences into label differences.",
-              "", "Peak RSS is the whole process's resident memory during the stage (models and earlier arrays "
-              "included). CPU timings on a shared machine are noisy; compare rows of one run."]  # fmt: skip
+              f"({f['ceiling'] / 1e9:.0f} GFLOP/s)."]  # fmt: skip
+    lines += ["", "CPU timings on a shared machine are noisy: compare columns of one run (the reference path is the "
+              "code before the fast path, run in the same process)."]  # fmt: skip
     return "\n".join(lines) + "\n"
 
 
+def _median_run(runs: list[dict]) -> dict:
+    """One run's record with every stage time replaced by the median over ``runs``."""
+    out = dict(runs[-1])
+    out["segment_stages"] = {k: float(np.median([r["segment_stages"][k] for r in runs]))
+                             for k in runs[0]["segment_stages"]}  # fmt: skip
+    out["times"] = {k: float(np.median([r["times"][k] for r in runs])) for k in runs[0]["times"]}
+    return out
+
+
 def main(argv: list[str] | None = None) -> dict:
-    from DiffusionSegLib.probe.segment import _count_windows
+    import SimpleITK as sitk
+
     from DiffusionSegLib.features import window_size
+    from DiffusionSegLib.precision import resolve_precision
     from DiffusionSegLib.probe import find_probe_backbone
+    from DiffusionSegLib.probe.segment import _count_windows
     from DiffusionSegLib.resources import default_probe_path
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -238,7 +317,13 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--backbone", type=Path, default=None, help="backbone (default: the one the probe recorded)")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
-    parser.add_argument("--skip-baseline", action="store_true", help="time our path only")
+    parser.add_argument("--precisions", nargs="+", choices=["float32", "bfloat16"], default=["float32", "bfloat16"],
+                        help="precisions of the fast path to time")  # fmt: skip
+    parser.add_argument("--repeats", type=int, default=1, help="runs of each fast path (medians are reported)")
+    parser.add_argument("--skip-reference", action="store_true", help="no reference path (no label check)")
+    parser.add_argument("--skip-baseline", action="store_true", help="no MONAI baseline")
+    parser.add_argument("--skip-cli", action="store_true", help="do not time the command line")
+    parser.add_argument("--no-warmup", action="store_true", help="no untimed warm-up run first")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results", help="results folder")
     parser.add_argument("--tag", default="", help="suffix of the result files (e.g. _h100)")
     args = parser.parse_args(argv)
@@ -253,16 +338,36 @@ def main(argv: list[str] | None = None) -> dict:
     result: dict = {"machine": machine_info(device),
                     "args": {"argv": sys.argv[1:] if argv is None else argv, "volume_name": args.volume.name,
                              "probe_name": probe_path.name, "backbone_name": backbone_path.name,
-                             "device": args.device}}  # fmt: skip
+                             "device": args.device, "repeats": args.repeats}}  # fmt: skip
+    runs: dict[str, dict] = {}
     with tempfile.TemporaryDirectory() as tmp:
-        print("ours ...", flush=True)
-        ours = run_ours(args.volume, probe_path, backbone_path, device, Path(tmp), memory)
-        print("  " + ", ".join(f"{k} {v:.2f} s" for k, v in ours["times"].items()), flush=True)
+        if not args.no_warmup:  # one-time costs (first BPR and torch calls, caches) must not fall on the first path
+            print("warm-up (float32, untimed) ...", flush=True)
+            run_ours(args.volume, probe_path, backbone_path, device, Path(tmp), memory, "float32", label="warm-up")
+        for precision in args.precisions:
+            name = f"fast {precision}"
+            print(f"{name} ...", flush=True)
+            repeated = [run_ours(args.volume, probe_path, backbone_path, device, Path(tmp), memory, precision,
+                                 label=name) for _ in range(max(1, args.repeats))]  # fmt: skip
+            runs[name] = _median_run(repeated)
+            print("  " + ", ".join(f"{k} {v:.2f} s" for k, v in runs[name]["segment_stages"].items()), flush=True)
+        if not args.skip_reference:
+            print("reference path (float32) ...", flush=True)
+            runs["reference float32"] = run_ours(args.volume, probe_path, backbone_path, device, Path(tmp), memory,
+                                                 "float32", reference_path=True, label="reference float32")  # fmt: skip
+            print("  " + ", ".join(f"{k} {v:.2f} s" for k, v in runs["reference float32"]["segment_stages"].items()),
+                  flush=True)  # fmt: skip
+        ours_name = next(iter(runs))
+        ours = runs[ours_name]
         base = None
         if not args.skip_baseline:
             print("MONAI baseline ...", flush=True)
             base = run_monai_baseline(args.volume, ours["backbone"], ours["probe"], device, Path(tmp), memory)
             print("  " + ", ".join(f"{k} {v:.2f} s" for k, v in base["times"].items()), flush=True)
+        if not args.skip_cli:
+            print("command line ...", flush=True)
+            result["cli"] = cli_seconds(args.volume, probe_path, Path(tmp), args.threads)
+            print("  " + ", ".join(f"{k} {v:.2f} s" for k, v in result["cli"].items()), flush=True)
     memory.close()
     backbone, probe = ours["backbone"], ours["probe"]
     cfg = probe.config.feature_config()
@@ -271,34 +376,42 @@ def main(argv: list[str] | None = None) -> dict:
     print("conv3d ceiling ...", flush=True)
     ceiling = conv3d_ceiling(device, channels_last=True, quick=True, timer="wall")["flops_per_s"]
     windows_ours = _count_windows(ours["working_size"], roi, cfg.overlap)
+    network_seconds = runs.get("fast float32", ours)["segment_stages"]["backbone + probe"]
     result.update({
         "input_size": list(ours["image"].GetSize()), "num_classes": probe.num_classes,
-        "ours": {k: ours[k] for k in ("times", "segment_stages", "working_size")},
+        "working_size": ours["working_size"], "auto": resolve_precision("auto", device), "ours_run": ours_name,
+        "runs": {name: {"stages": run["segment_stages"] | {
+                     "read": run["times"][f"{name}: read"], "load models": run["times"][f"{name}: load models"],
+                     "write": run["times"][f"{name}: write"], "in process, end to end": sum(run["times"].values())},
+                     "peak_segment": memory.peaks.get(f"{name}: segment", 0), "precision": run["precision"]}
+                 for name, run in runs.items()},
         "memory_peaks": memory.peaks,
         "flops": {"per_window": per_window, "windows_ours": windows_ours, "ours_total": per_window * windows_ours,
-                  "ours_rate": per_window * windows_ours / ours["segment_stages"]["backbone + probe"],
-                  "ceiling": ceiling},
+                  "ours_rate": per_window * windows_ours / network_seconds, "ceiling": ceiling},
     })  # fmt: skip
+    if "reference float32" in runs:
+        reference = runs["reference float32"]["labels"]
+        result["agreement"] = {name: label_agreement(run["labels"], reference) for name, run in runs.items()
+                               if name != "reference float32"}  # fmt: skip
+        for name, agreement in result["agreement"].items():
+            print(f"{name}: labels agree with the reference on {100 * agreement['agreement']:.4f}% of voxels, lowest "
+                  f"organ Dice {agreement['min_dice']:.4f}", flush=True)  # fmt: skip
     total_ours = sum(ours["times"].values())
-    print(f"ours: {total_ours:.2f} s end to end", flush=True)
+    print(f"{ours_name}: {total_ours:.2f} s end to end in process", flush=True)
     if base is not None:
-        import SimpleITK as sitk
-
         a, b = sitk.GetArrayViewFromImage(ours["labels"]), sitk.GetArrayViewFromImage(base["labels"])
         either = (a > 0) | (b > 0)
-        windows_monai = _count_windows(base["grid"], roi, cfg.overlap)
         result["monai"] = {k: base[k] for k in ("times", "grid")}
         result["speedup"] = sum(base["times"].values()) / total_ours
-        result["agreement"] = float(np.mean(a == b))
-        result["agreement_foreground"] = float(np.mean(a[either] == b[either])) if either.any() else 1.0
-        result["flops"].update({"windows_monai": windows_monai, "monai_total": per_window * windows_monai})
-        print(f"MONAI baseline: {sum(base['times'].values()):.2f} s; ours is {result['speedup']:.2f}x faster; "
-              f"labels agree on {100 * result['agreement']:.2f}% of voxels", flush=True)  # fmt: skip
-        args.out.mkdir(parents=True, exist_ok=True)
-        stem = args.out / f"segment_speed_{args.device}{args.tag}"
-        stem.with_suffix(".json").write_text(json.dumps(result, indent=2, default=str) + "\n")
-        stem.with_suffix(".md").write_text(markdown(result))
-        print(f"wrote {stem}.md and .json", flush=True)
+        result["monai_agreement"] = float(np.mean(a == b))
+        result["monai_agreement_foreground"] = float(np.mean(a[either] == b[either])) if either.any() else 1.0
+        print(f"MONAI baseline: {sum(base['times'].values()):.2f} s; ours is {result['speedup']:.2f}x faster",
+              flush=True)  # fmt: skip
+    args.out.mkdir(parents=True, exist_ok=True)
+    stem = args.out / f"segment_speed_{args.device}{args.tag}"
+    stem.with_suffix(".json").write_text(json.dumps(result, indent=2, default=str) + "\n")
+    stem.with_suffix(".md").write_text(markdown(result))
+    print(f"wrote {stem}.md and .json", flush=True)
     return result
 
 

@@ -25,6 +25,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--probe", default=None, help="a probe to use instead of the shipped 13-organ probe")
     parser.add_argument("--backbone", default=None, help="its backbone (default: the one the probe records)")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="where the networks run")
+    parser.add_argument("--precision", choices=("auto", "float32", "bfloat16"), default="auto",
+                        help="network arithmetic (auto: bfloat16 where it is faster and agrees)")
 
 
 OUTPUT_NAMES = ("segmentation.nii.gz", "segmentation.seg.nrrd", "coordinates.nii.gz", "preview.png")
@@ -86,7 +88,7 @@ def run(args: argparse.Namespace) -> int:
           f"{probe.config.head} head)", flush=True)  # fmt: skip
 
     result = segment(image, probe, backbone, largest_component=True, device=args.device, bpr=bpr,
-                     coordinates=backbone.use_bpr)  # the map the backbone was fed; a backbone without BPR has none
+                     coordinates=backbone.use_bpr, precision=args.precision)  # the map the backbone was fed; a backbone without BPR has none
     for stage, name in SEGMENT_STAGES.items():
         stages.seconds[name] = result.seconds[stage]
     if not same_grid(result.labels, image):

@@ -37,6 +37,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="save each backbone's results in OUT/per_backbone and reuse those of an earlier run "
                              "with the same weights, cases and settings (resume, or add a backbone)")
     parser.add_argument("-o", "--output-dir", required=True, help="folder for report.json, report.md and plots")
+    parser.add_argument("--precision", choices=("auto", "float32", "bfloat16"), default=None,
+                        help="backbone arithmetic while caching features (default auto: bfloat16 where it is faster "
+                             "and agrees; same as --probe.precision)")  # fmt: skip
     parser.epilog = "Probe settings: --probe.steps N, --probe.patch_size_vox '[32,64,64]', --probe.timestep t, ..."
 
 
@@ -53,6 +56,8 @@ def run(args: argparse.Namespace) -> int:
     unknown = sorted(set(overrides) - {"probe"})
     if unknown:
         raise UserInputError(f"unknown override section(s) {unknown}; only --probe.FIELD VALUE is accepted")
+    if args.precision:
+        overrides.setdefault("probe", {})["precision"] = args.precision
     probe_config = config_from_dict(ProbeConfig, overrides.get("probe", {}), "probe")
     cases = find_labeled_cases(args.data, args.label_kind)
     if args.max_cases:

@@ -26,6 +26,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output-dir", help="override the config's output folder")
     parser.add_argument("--fresh", action="store_true", help="refuse to resume (fails if a snapshot exists)")
     parser.add_argument("--max-steps-this-run", type=int, help="stop after this many steps (resume later)")
+    parser.add_argument("--precision", choices=("auto", "float32", "bfloat16"), help="forward pass arithmetic "
+                        "(default: the config's, auto: bfloat16 where it is faster and agrees)")  # fmt: skip
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     parser.epilog = "Any other --section.field VALUE pair overrides the config, e.g. --training.steps 500."
 
@@ -39,6 +41,8 @@ def build_config(args: argparse.Namespace) -> PretrainConfig:
         overrides["use_bpr"] = False
     if args.output_dir:
         overrides["output_dir"] = args.output_dir
+    if getattr(args, "precision", None):
+        overrides.setdefault("training", {})["precision"] = args.precision
     return PretrainConfig.from_dict(apply_overrides(data, overrides))
 
 

@@ -25,6 +25,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--overlap", type=float, help="sliding-window overlap in [0, 1) (default: the probe's)")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), help="default: the probe's (GPU if present)")
     parser.add_argument("--bpr", help="BPR weights for a backbone with coordinates (default: the recorded one)")
+    parser.add_argument("--precision", choices=("auto", "float32", "bfloat16"), default="auto",
+                        help="network arithmetic (auto: bfloat16 where it is faster and agrees)")
 
 
 def short_scan_note(image, backbone, feature_config) -> str | None:
@@ -48,9 +50,6 @@ def run(args: argparse.Namespace) -> int:
     from DiffusionSegLib.data.gate import check_output_path, read_ct
     from DiffusionSegLib.data.volume import WRITE_SUFFIXES
     from DiffusionSegLib.errors import UserInputError
-    from DiffusionSegLib.pretrain.export import load_backbone
-    from DiffusionSegLib.probe import find_probe_backbone, load_probe, segment, write_segmentation
-    from DiffusionSegLib.resources import default_probe_path
 
     inputs = (args.volume, args.probe or default_probe_path(), args.backbone, args.bpr)
     check_output_path(args.output, WRITE_SUFFIXES, "segmentation", inputs)
@@ -61,7 +60,11 @@ def run(args: argparse.Namespace) -> int:
         raise UserInputError(f"--overlap {args.overlap} is invalid; expected a value in [0, 1)")
     if args.draws is not None and args.draws < 1:
         raise UserInputError(f"--draws {args.draws} is invalid; expected at least 1")
-    image = read_ct(args.volume)
+    image = read_ct(args.volume)  # a refused input answers before torch is imported
+    from DiffusionSegLib.pretrain.export import load_backbone
+    from DiffusionSegLib.probe import find_probe_backbone, load_probe, segment, write_segmentation
+    from DiffusionSegLib.resources import default_probe_path
+
     probe_path = args.probe or default_probe_path()
     backbone = load_backbone(args.backbone or find_probe_backbone(probe_path))
     probe = load_probe(probe_path, backbone)
@@ -70,7 +73,7 @@ def run(args: argparse.Namespace) -> int:
         log.warning("%s %s", f"'{args.volume}'", note)
     result = segment(image, probe, backbone, largest_component=args.largest_component,
                      uncertainty=bool(args.uncertainty), num_noise_draws=args.draws, overlap=args.overlap,
-                     device=args.device, bpr=args.bpr)  # fmt: skip
+                     device=args.device, bpr=args.bpr, precision=args.precision)  # fmt: skip
     path = write_segmentation(result, args.output)
     log.info("wrote %s: %s in %.1f s", path, ", ".join(o.name for o in result.organs), result.seconds["total"])
     if result.field_of_view is not None:

@@ -57,6 +57,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lr", type=float, default=1e-2, help="learning rate (default 1e-2)")
     parser.add_argument("--seed", type=int, default=0, help="sampling / initialisation seed (default 0)")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="default: GPU if present")
+    parser.add_argument("--precision", choices=("auto", "float32", "bfloat16"), default="auto",
+                        help="backbone arithmetic (auto: bfloat16 where it is faster and agrees)")
     parser.add_argument("--bpr", help="BPR weights for a backbone with coordinates (default: the recorded one)")
 
 
@@ -168,7 +170,7 @@ def run(args: argparse.Namespace) -> int:
     options.update({k: v for k, v in given.items() if v is not None})
     options.update({"timestep": args.timestep, "noise_seed": args.noise_seed, "num_noise_draws": args.draws,
                     "patches_per_volume": args.patches_per_volume, "lr": args.lr, "seed": args.seed,
-                    "device": args.device})  # fmt: skip
+                    "device": args.device, "precision": args.precision})  # fmt: skip
     if args.patch:
         options["patch_size_vox"] = tuple(args.patch)
     try:

@@ -166,7 +166,7 @@ def _validate(network: SegmentationNetwork, volumes, cfg: FinetuneConfig, device
               num_classes: int, autocast=None) -> float:  # fmt: skip
     from monai.inferers import sliding_window_inference
 
-    from DiffusionSegLib.features import autocast_context
+    from DiffusionSegLib.precision import autocast_context
 
     autocast = autocast if autocast is not None else autocast_context(cfg.precision, device)
     network.eval()
@@ -317,8 +317,9 @@ def finetune(cases: Sequence[tuple[sitk.Image, sitk.Image]], labels: Sequence[Or
     from tqdm.auto import tqdm
 
     from DiffusionSegLib.checkpoint import load_training_state, save_training_state
-    from DiffusionSegLib.features import FeatureConfig, autocast_context, resolve_device
+    from DiffusionSegLib.features import FeatureConfig, resolve_device
     from DiffusionSegLib.features.extractor import _bpr_model
+    from DiffusionSegLib.precision import autocast_context
     from DiffusionSegLib.probe.extent import record_field_of_view
     from DiffusionSegLib.probe.sampling import prepare_labeled_volume
     from DiffusionSegLib.probe.train import _check_labels, build_head
@@ -495,7 +496,11 @@ def _write(network, trainable, source, labels, cfg, output, history, step, plann
             network.backbone.stem.weight[:, 1:4] = 0.0
     output = Path(output)
     backbone_path = backbone_output_path(output)
-    extra = {"finetuned_from": source.sha256, "finetune": cfg.to_dict(), "cases": list(names)}
+    from DiffusionSegLib.features import resolve_device
+    from DiffusionSegLib.precision import resolve_precision
+
+    extra = {"finetuned_from": source.sha256, "finetune": cfg.to_dict(), "cases": list(names),
+             "precision": resolve_precision(cfg.precision, resolve_device(cfg.device))}  # fmt: skip
     # the coordinates input is the source backbone's BPR (checked by its hash when the BPR was loaded)
     export_backbone(backbone_path, trainable.pretrain, network.backbone.cpu(), steps=step, bpr_path=None,
                     bpr_sha256=source.bpr_sha256, val_loss=None, extra=extra)  # fmt: skip

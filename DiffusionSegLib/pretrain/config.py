@@ -107,8 +107,10 @@ class TrainingConfig:
     20 000-step run), so that features can be compared against pretraining length."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
     bf16: bool = True
-    """bfloat16 autocast where the hardware has matrix units for it (CUDA GPUs with bfloat16, CPUs with AMX);
-    float32 elsewhere."""
+    """False forces float32 whatever ``precision`` says (older configs' switch)."""
+    precision: Literal["auto", "float32", "bfloat16"] = "auto"
+    """Arithmetic of the forward pass (``DiffusionSegLib.precision``): ``auto`` takes bfloat16 where it is faster
+    and agrees (CUDA with bfloat16; CPUs with AMX or AVX512-BF16, confirmed by a cached calibration)."""
     channels_last: bool = True
     """channels_last_3d memory format on CUDA (ignored on CPU)."""
     progress: bool = True

@@ -153,6 +153,8 @@ def _run(cfg: PretrainConfig, ctx: DistributedContext, resume: bool, max_steps_t
     method.generator = torch.Generator(device="cpu").manual_seed(cfg.training.seed * 1000 + ctx.rank)
 
     state = load_training_state(snapshot_path) if snapshot_path.exists() else None
+    if state is not None:  # snapshots from before the precision setting resume as "auto"
+        state["config"].get("training", {}).setdefault("precision", "auto")
     if state is not None and state["config"] != cfg.to_dict():
         changed = sorted(k for k in cfg.to_dict() if state["config"].get(k) != cfg.to_dict()[k])
         log.warning("resuming %s with a changed config (sections: %s)", snapshot_path, ", ".join(changed))
@@ -208,9 +210,9 @@ def _run(cfg: PretrainConfig, ctx: DistributedContext, resume: bool, max_steps_t
 
     end = cfg.training.steps if max_steps_this_run is None else min(cfg.training.steps, step + max_steps_this_run)
     losses: list[float] = []
-    from DiffusionSegLib.features import autocast_context
+    from DiffusionSegLib.precision import autocast_context
 
-    autocast = autocast_context("auto" if cfg.training.bf16 else "float32", ctx.device)
+    autocast = autocast_context(_precision(cfg, ctx.device), ctx.device)
     progress = tqdm(total=cfg.training.steps, initial=step, desc=f"pretrain {cfg.method}", disable=not show)
     started = time.perf_counter()
     with _StopFlag() as flag:
@@ -245,7 +247,8 @@ def _run(cfg: PretrainConfig, ctx: DistributedContext, resume: bool, max_steps_t
                     snapshot()
                 if step in cfg.training.export_at and step < cfg.training.steps and ctx.is_main:
                     export_backbone(out_dir / intermediate_weights_name(step), cfg, method.backbone, steps=step,
-                                    bpr_path=bpr_path, val_loss=val_loss)  # fmt: skip
+                                    bpr_path=bpr_path, val_loss=val_loss,
+                                    extra={"precision": _precision(cfg, ctx.device)})  # fmt: skip
         except KeyboardInterrupt:
             log.warning("interrupted at step %d: saving a snapshot to resume from", step)
             snapshot()
@@ -257,6 +260,13 @@ def _run(cfg: PretrainConfig, ctx: DistributedContext, resume: bool, max_steps_t
     return _finish(cfg, ctx, method, step, losses, val_loss, export, bpr_path)
 
 
+def _precision(cfg, device: torch.device) -> str:
+    """The forward pass's precision, resolved (``bf16 = false`` forces float32)."""
+    from DiffusionSegLib.precision import resolve_precision
+
+    return resolve_precision(cfg.training.precision if cfg.training.bf16 else "float32", device)
+
+
 def _finish(cfg, ctx, method, step, losses, val_loss, export, bpr_path=None) -> PretrainResult:
     weights = None
     agree = _ranks_agree(ctx, method)
@@ -265,7 +275,8 @@ def _finish(cfg, ctx, method, step, losses, val_loss, export, bpr_path=None) -> 
                                                        "world_size": ctx.world_size})  # fmt: skip
     if export and ctx.is_main:
         weights = export_backbone(Path(cfg.output_dir) / WEIGHTS_NAME, cfg, method.backbone, steps=step,
-                                  bpr_path=bpr_path, val_loss=val_loss)  # fmt: skip
+                                  bpr_path=bpr_path, val_loss=val_loss,
+                                  extra={"precision": _precision(cfg, ctx.device)})  # fmt: skip
     return PretrainResult(weights, step, losses, val_loss)
 
 

@@ -73,12 +73,19 @@ class ProbeConfig:
     """Seed of patch sampling, head initialisation and batch order."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """Where the backbone and head run."""
+    precision: Literal["auto", "float32", "bfloat16"] = "auto"
+    """Arithmetic of the backbone while caching features (``DiffusionSegLib.precision``); a trained probe records
+    the resolved choice. The head trains in float32."""
     window_vox: tuple[int, int, int] | None = None
     """Sliding-window size at inference; None: the backbone's pretraining patch size."""
     overlap: float = 0.25
     """Sliding-window overlap at inference."""
 
     def __post_init__(self) -> None:
+        from DiffusionSegLib.precision import PRECISIONS
+
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision {self.precision!r} is unknown; expected one of {list(PRECISIONS)}")
         if self.head not in HEADS:
             raise ValueError(f"head {self.head!r} is unknown; expected one of {list(HEADS)}")
         self.patch_size_vox = tuple(int(s) for s in self.patch_size_vox)  # type: ignore[assignment]

@@ -61,6 +61,7 @@ class SegmentationResult:
             organs lie outside it (those are not segmented and not in ``organs``); else None.
         not_found: the probe's organs (in view) with no voxels, or only specks below :data:`MIN_ORGAN_ML`;
             they are not in ``organs`` either, so ``organs`` lists exactly the segments that hold voxels.
+        precision: the arithmetic the network ran in (``"float32"`` or ``"bfloat16"``).
     """
 
     labels: sitk.Image
@@ -72,6 +73,7 @@ class SegmentationResult:
     coordinates: sitk.Image | None = None
     field_of_view: FieldOfView | None = None
     not_found: list[str] = field(default_factory=list)
+    precision: str = "float32"
 
 
 def _count_windows(shape, roi, overlap: float) -> int:
@@ -137,7 +139,7 @@ def _coordinates_on_input(inputs, prepared) -> sitk.Image:
     return to_input_grid(coordinates_to_image(working, prepared.image), prepared, "linear", 0.0)
 
 
-def _body_axis_maps(image: sitk.Image, probes, report) -> dict:
+def _body_axis_maps(image: sitk.Image, probes, report, reference_path: bool = False) -> dict:
     """Per BPR hash, the body-axis coordinate of the input grid for the probes that recorded where their organs
     lie (computed once per BPR); probes whose BPR is not installed get none (and a log line)."""
     from DiffusionSegLib.probe.extent import body_axis_for
@@ -152,14 +154,14 @@ def _body_axis_maps(image: sitk.Image, probes, report) -> dict:
             log.info("field of view not checked: the BPR this probe measured its organs with is not installed")
             continue
         report(0.8, "finding the field of view")
-        maps[axis.sha256] = axis.z_map(image)
+        maps[axis.sha256] = axis.z_map(image) if reference_path else axis.slab_map(image)
     return maps
 
 
 def segment(image: sitk.Image, probe: TrainedProbe, backbone, *, largest_component: bool = False,
             uncertainty: bool = False, num_noise_draws: int | None = None, window_vox=None,
             overlap: float | None = None, device: str | None = None, bpr=None, coordinates: bool = False,
-            progress: bool = False,
+            precision: str = "auto", reference_path: bool = False, progress: bool = False,
             progress_callback: Callable[[float, str], None] | None = None,
             should_stop: Callable[[], bool] | None = None) -> SegmentationResult:  # fmt: skip
     """Segment the probe's organs in a CT.
@@ -174,6 +176,10 @@ def segment(image: sitk.Image, probe: TrainedProbe, backbone, *, largest_compone
         bpr: BPR for a backbone that uses coordinates (module, path or None for the recorded default).
         coordinates: also return the BPR coordinates the backbone was fed, mapped to the input grid (saves
             preparing the volume and running the BPR a second time for a coordinate map).
+        precision: arithmetic of the backbone and heads, ``"auto"`` (bfloat16 where it is faster and agrees,
+            see :mod:`DiffusionSegLib.precision`), ``"float32"`` or ``"bfloat16"``.
+        reference_path: map back the straightforward way (every class resampled through physical space, the
+            body-axis map at full resolution): the slow path the default one reproduces, kept for checks.
         progress: show MONAI's sliding-window progress bar.
         progress_callback: called as ``(fraction, message)``.
         should_stop: polled per window batch; True raises :class:`SegmentationCancelled`.
@@ -191,14 +197,16 @@ def segment(image: sitk.Image, probe: TrainedProbe, backbone, *, largest_compone
     """
     return segment_with_probes(image, [probe], backbone, largest_component=largest_component,
                                uncertainty=uncertainty, num_noise_draws=num_noise_draws, window_vox=window_vox,
-                               overlap=overlap, device=device, bpr=bpr, coordinates=coordinates, progress=progress,
-                               progress_callback=progress_callback, should_stop=should_stop)[0]  # fmt: skip
+                               overlap=overlap, device=device, bpr=bpr, coordinates=coordinates, precision=precision,
+                               reference_path=reference_path, progress=progress, progress_callback=progress_callback,
+                               should_stop=should_stop)[0]  # fmt: skip
 
 
 def segment_with_probes(image: sitk.Image, probes: Sequence[TrainedProbe], backbone, *,
                         largest_component: bool = False, uncertainty: bool = False,
                         num_noise_draws: int | None = None, window_vox=None, overlap: float | None = None,
-                        device: str | None = None, bpr=None, coordinates: bool = False, progress: bool = False,
+                        device: str | None = None, bpr=None, coordinates: bool = False, precision: str = "auto",
+                        reference_path: bool = False, progress: bool = False,
                         progress_callback: Callable[[float, str], None] | None = None,
                         should_stop: Callable[[], bool] | None = None) -> list[SegmentationResult]:  # fmt: skip
     """Segment a CT with several probes of one backbone in one pass: the volume is prepared, and each window
@@ -215,6 +223,7 @@ def segment_with_probes(image: sitk.Image, probes: Sequence[TrainedProbe], backb
     """
     from DiffusionSegLib.features import FeatureExtractor, PyramidPredictor, build_inputs, resolve_device
     from DiffusionSegLib.features import sliding_window_apply, window_size
+    from DiffusionSegLib.precision import autocast_context, resolve_precision
     from DiffusionSegLib.preprocess import prepare_volume
     from DiffusionSegLib.probe.io import check_backbone
 
@@ -231,12 +240,14 @@ def segment_with_probes(image: sitk.Image, probes: Sequence[TrainedProbe], backb
                              "overlap differ); segment with each probe separately")  # fmt: skip
     cfg = configs[0]
     compute = resolve_device(cfg.device)
+    precision = resolve_precision(precision, compute)
     seconds: dict[str, float] = {}
     start = clock = time.perf_counter()
 
     report(0.0, "preparing the volume")
     prepared = prepare_volume(image, backbone.pretrain.preprocess)
-    inputs = build_inputs(prepared.image, backbone, cfg, bpr=bpr, device=compute)
+    with torch.no_grad(), autocast_context(precision, compute):  # the BPR is a network too
+        inputs = build_inputs(prepared.image, backbone, cfg, bpr=bpr, device=compute)
     if coordinates and not inputs.num_coords:
         raise UserInputError(f"backbone '{Path(backbone.path).name}' uses no BPR coordinates: there is no "
                              "coordinate map to return")  # fmt: skip
@@ -250,7 +261,7 @@ def segment_with_probes(image: sitk.Image, probes: Sequence[TrainedProbe], backb
                                  disagreement=disagreement, groups=groups)  # fmt: skip
     total = _count_windows(inputs.shape, window_size(backbone, cfg), cfg.overlap)
     watched = _Watched(predictor, total, report, should_stop or (lambda: False))
-    with torch.no_grad():
+    with torch.no_grad(), autocast_context(precision, compute):
         output = sliding_window_apply(inputs, watched, backbone, cfg, out_channels=sum(groups), progress=progress)
     coordinate_image = _coordinates_on_input(inputs, prepared) if coordinates else None
     del inputs
@@ -258,7 +269,8 @@ def segment_with_probes(image: sitk.Image, probes: Sequence[TrainedProbe], backb
     del output
     seconds["features"] = time.perf_counter() - clock
     clock = time.perf_counter()
-    body_z = _body_axis_maps(image, probes, report)
+    with torch.no_grad(), autocast_context(precision, compute):
+        body_z = _body_axis_maps(image, probes, report, reference_path)
     seconds["field_of_view"] = time.perf_counter() - clock
     shared = {stage: value / len(probes) for stage, value in seconds.items()}
 
@@ -270,35 +282,31 @@ def segment_with_probes(image: sitk.Image, probes: Sequence[TrainedProbe], backb
         probe_votes = None if votes is None else votes[0, index].numpy()
         result = _finish(image, prepared, probe, probabilities, probe_votes, uncertainty, largest_component,
                          lambda f, message: report(0.8 + 0.2 * (index + f) / len(probes), message),
-                         body_z)  # fmt: skip
+                         body_z, reference_path)  # fmt: skip
         result.seconds = shared | result.seconds
         result.seconds["total"] = sum(result.seconds.values())
         result.coordinates = coordinate_image if index == 0 else None
+        result.precision = precision
         results.append(result)
-    log.info("segmented %s voxels (working grid %s) with %d probe(s) in %.1f s", "x".join(map(str, image.GetSize())),
-             "x".join(map(str, prepared.image.GetSize())), len(probes), time.perf_counter() - start)  # fmt: skip
+    log.info("segmented %s voxels (working grid %s) with %d probe(s) in %.1f s (%s)",
+             "x".join(map(str, image.GetSize())), "x".join(map(str, prepared.image.GetSize())), len(probes),
+             time.perf_counter() - start, precision)  # fmt: skip
     report(1.0, "done")
     return results
 
 
 def _finish(image: sitk.Image, prepared, probe: TrainedProbe, probabilities: np.ndarray, votes: np.ndarray | None,
-            uncertainty: bool, largest_component: bool, report, body_z: dict) -> SegmentationResult:  # fmt: skip
+            uncertainty: bool, largest_component: bool, report, body_z: dict,
+            reference_path: bool = False) -> SegmentationResult:  # fmt: skip
     """Working-grid class probabilities of one probe → its label map (and uncertainty) on the input grid, the
     field of view applied (``body_z``: body-axis maps by BPR hash); ``report`` takes fractions of this step."""
+    from DiffusionSegLib.preprocess.inverse import argmax_on_input_grid
+
     clock = time.perf_counter()
     report(0.0, "resampling to the input grid")
-    best = classes = None
-    for c in range(probabilities.shape[0]):  # running argmax: one input-grid float volume at a time
-        resampled = _to_input_image(probabilities[c], prepared, 1.0 if c == 0 else 0.0)
-        on_input = sitk.GetArrayViewFromImage(resampled)  # no copy: ``resampled`` stays alive until the del
-        if best is None:
-            best, classes = on_input.copy(), np.zeros(on_input.shape, np.uint8)
-        else:
-            better = on_input > best
-            best[better] = on_input[better]
-            classes[better] = c
-        del on_input, resampled
-    del best
+    classes = None if reference_path else argmax_on_input_grid(probabilities, prepared.image, prepared.input_grid)
+    if classes is None:  # an oblique input grid (or the reference path): resample through physical space
+        classes = running_argmax(probabilities, prepared)
     uncertainty_image, kind = None, None
     if uncertainty:
         if votes is not None:
@@ -330,6 +338,24 @@ def _finish(image: sitk.Image, prepared, probe: TrainedProbe, probabilities: np.
     not_found = [o.name for o in in_view if not counts[o.value]]
     return SegmentationResult(labels, organs, uncertainty_image, kind, seconds, tuple(prepared.image.GetSize()),
                               field_of_view=view, not_found=not_found)  # fmt: skip
+
+
+def running_argmax(probabilities: np.ndarray, prepared) -> np.ndarray:
+    """The class index on the input grid of every voxel: each class's probability resampled linearly (class 0
+    reads 1, the others 0, outside the working grid), a running argmax over classes (one input-grid float volume
+    at a time). The reference :func:`~DiffusionSegLib.preprocess.inverse.argmax_on_input_grid` reproduces."""
+    best = classes = None
+    for c in range(probabilities.shape[0]):
+        resampled = _to_input_image(probabilities[c], prepared, 1.0 if c == 0 else 0.0)
+        on_input = sitk.GetArrayViewFromImage(resampled)  # no copy: ``resampled`` stays alive until the del
+        if best is None:
+            best, classes = on_input.copy(), np.zeros(on_input.shape, np.uint8)
+        else:
+            better = on_input > best
+            best[better] = on_input[better]
+            classes[better] = c
+        del on_input, resampled
+    return classes
 
 
 def remove_specks(labels: np.ndarray, values: list[int], voxel_ml: float) -> np.ndarray:

@@ -18,7 +18,7 @@ import copy
 import logging
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import SimpleITK as sitk
@@ -274,6 +274,7 @@ def fit_probe(cases: Sequence[tuple[sitk.Image, sitk.Image]], labels: Sequence[O
         save_probe("liver.safetensors", probe)
     """
     from DiffusionSegLib.features import FeatureExtractor, resolve_device
+    from DiffusionSegLib.precision import autocast_context, resolve_precision
     from DiffusionSegLib.probe.extent import record_field_of_view
     from DiffusionSegLib.probe.sampling import prepare_labeled_volume, sample_patch_origins
 
@@ -284,6 +285,7 @@ def fit_probe(cases: Sequence[tuple[sitk.Image, sitk.Image]], labels: Sequence[O
     _check_patch(cfg, backbone.model.config.size_divisor)
     feature_cfg = cfg.feature_config()
     device = resolve_device(cfg.device)
+    cfg = replace(cfg, precision=resolve_precision(cfg.precision, device))  # the probe records the choice
     report = progress_callback or (lambda fraction, message: None)
     stop = should_stop or (lambda: False)
     rng = np.random.default_rng(cfg.seed)
@@ -306,8 +308,9 @@ def fit_probe(cases: Sequence[tuple[sitk.Image, sitk.Image]], labels: Sequence[O
                 raise ProbeTrainingCancelled("probe training cancelled while caching features")
             report(0.2 + 0.3 * (done + i) / total, f"caching features of patch {done + i + 1}/{total}")
 
-        patch_sets.append(cache_patch_features(volume, volume_origins, extractor, cfg, device, first_draw=done,
-                                               before_patch=before_patch))  # fmt: skip
+        with autocast_context(cfg.precision, device):
+            patch_sets.append(cache_patch_features(volume, volume_origins, extractor, cfg, device, first_draw=done,
+                                                   before_patch=before_patch))  # fmt: skip
         done += len(volume_origins)
     del volumes
     probe = train_head(patch_sets, labels, backbone, cfg, rng=rng, progress=progress,

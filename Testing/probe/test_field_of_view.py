@@ -124,3 +124,29 @@ def test_the_chest_ct_gets_no_abdominal_organs_above_its_lower_edge(tmp_path, ca
         assert (array == value).sum() * voxel_ml < (5.0 if "adrenal" in organ else 40.0), organ
     liver = np.nonzero((array == LIVER.value).any(axis=(1, 2)))[0]
     assert liver.size and liver.max() < array.shape[0] // 2, (liver.min(), liver.max(), array.shape[0])
+
+
+def test_slab_map_gives_the_full_map_and_the_same_clean_up():
+    """The body-axis map held as one value per slice (``SlabZ``) is the full input-grid map, and applying the field
+    of view with it changes the same voxels (a label map with organs at every height, ranges cutting through)."""
+    from DiffusionSegLib.probe.extent import BodyAxis, SlabZ, apply_field_of_view
+
+    ct = sitk.ReadImage(str(data_path("labeled/totalseg_example_ct_3mm.nii.gz")))
+    ct = sitk.DICOMOrient(ct, "RAS")  # a flipped input grid
+    axis = BodyAxis()
+    dense, slab = axis.z_map(ct), axis.slab_map(ct)
+    assert isinstance(slab, SlabZ)
+    assert np.array_equal(slab.dense(), dense)
+    hu = sitk.GetArrayViewFromImage(ct)
+    labels = np.zeros(hu.shape, np.uint8)
+    labels[hu > 100], labels[(hu > 0) & (hu <= 60)], labels[(hu > 60) & (hu <= 100)] = 6, 2, 3
+    inside = dense[dense != 0]
+    low, mid, high = np.percentile(inside, [10, 50, 90])
+    ranges = {"liver": [mid, high + 500], "right kidney": [low, mid], "left kidney": [high + 400, high + 500]}
+    a, b = labels.copy(), labels.copy()
+    view_dense = apply_field_of_view(a, dense, hu, ORGANS, ranges)
+    view_slab = apply_field_of_view(b, slab, hu, ORGANS, ranges)
+    assert np.array_equal(a, b) and not np.array_equal(a, labels)
+    assert view_dense.outside == view_slab.outside == ["left kidney"]
+    assert view_dense.removed_voxels == view_slab.removed_voxels
+    assert view_slab.z_range_mm == pytest.approx(view_dense.z_range_mm, abs=1e-3)

@@ -57,7 +57,8 @@ def _segment(job: dict, report: ProgressCallback, should_stop: Callable[[], bool
     backbone = load_backbone(job["backbone"])
     probe = load_probe(job["probe"], backbone)
     result = segment(image, probe, backbone, device=_device(job), largest_component=bool(job.get("largest_component")),
-                     progress_callback=report, should_stop=should_stop)  # fmt: skip
+                     precision=job.get("precision", "auto"), progress_callback=report,
+                     should_stop=should_stop)  # fmt: skip
     write_volume(result.labels, job["output_labels"])
     Path(job["output_legend"]).write_text(json.dumps(labels_to_json(result.organs)))
     view = result.field_of_view.describe() if result.field_of_view is not None else None

@@ -1,0 +1,42 @@
+"""The default way back to the input grid (labels read off the working grid, the body axis one value per slice)
+gives the labels of the straightforward path (every class resampled through physical space, the full-resolution
+body-axis map), with the shipped 13-organ model on a real CT finer than the working grid. No timing is asserted."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+from helpers import data_path
+
+from DiffusionSegLib.data.volume import same_grid
+
+
+@pytest.fixture(scope="module")
+def shipped():
+    from DiffusionSegLib.pretrain.export import load_backbone
+    from DiffusionSegLib.probe import find_probe_backbone, load_probe
+    from DiffusionSegLib.resources import default_probe_path
+
+    backbone = load_backbone(find_probe_backbone(default_probe_path()))
+    return load_probe(default_probe_path(), backbone), backbone
+
+
+def test_fast_path_gives_the_reference_labels(shipped):
+    from DiffusionSegLib.probe import segment
+
+    probe, backbone = shipped
+    ct = sitk.ReadImage(str(data_path("labeled/ircadb1.17_ct.nii.gz")))
+    fast = segment(ct, probe, backbone, precision="float32", device="cpu")
+    reference = segment(ct, probe, backbone, precision="float32", device="cpu", reference_path=True)
+    assert same_grid(fast.labels, ct) and same_grid(reference.labels, ct)
+    a, b = sitk.GetArrayViewFromImage(fast.labels), sitk.GetArrayViewFromImage(reference.labels)
+    assert np.mean(a == b) >= 0.999
+    for organ in reference.organs:
+        x, y = a == organ.value, b == organ.value
+        assert 2 * np.sum(x & y) / (x.sum() + y.sum()) >= 0.99, organ.name
+    assert [o.name for o in fast.organs] == [o.name for o in reference.organs]
+    assert fast.not_found == reference.not_found
+    assert fast.field_of_view is not None
+    assert fast.field_of_view.outside == reference.field_of_view.outside
+    assert fast.precision == "float32"
