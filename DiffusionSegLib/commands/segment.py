@@ -50,6 +50,7 @@ def run(args: argparse.Namespace) -> int:
     from DiffusionSegLib.data.gate import check_output_path, read_ct
     from DiffusionSegLib.data.volume import WRITE_SUFFIXES
     from DiffusionSegLib.errors import UserInputError
+    from DiffusionSegLib.resources import default_probe_path
 
     inputs = (args.volume, args.probe or default_probe_path(), args.backbone, args.bpr)
     check_output_path(args.output, WRITE_SUFFIXES, "segmentation", inputs)
@@ -63,7 +64,6 @@ def run(args: argparse.Namespace) -> int:
     image = read_ct(args.volume)  # a refused input answers before torch is imported
     from DiffusionSegLib.pretrain.export import load_backbone
     from DiffusionSegLib.probe import find_probe_backbone, load_probe, segment, write_segmentation
-    from DiffusionSegLib.resources import default_probe_path
 
     probe_path = args.probe or default_probe_path()
     backbone = load_backbone(args.backbone or find_probe_backbone(probe_path))

@@ -269,7 +269,7 @@ def test_finetune_learns_from_the_scenes_unlabeled_volumes_too(ds, scene, tiny_b
                   ("labeled/totalseg_example_ct_3mm.nii.gz", "cohort 3"))]  # fmt: skip
     segmentations = [segmentation for _, _, segmentation in labeled]
     candidates = logic.unlabeledCandidates([], segmentations)
-    assert [n.GetName() for n in candidates] == ["cohort 1", "cohort 2", "cohort 3"]
+    assert [n.GetName() for n in candidates] == ["cohort 1", "cohort 2", "cohort 3"] and candidates == unlabeled
     options = {"spacing_mm": [6.0, 6.0, 6.0], "patch_size_vox": [16, 32, 32], "budget_minutes": 0, "steps": 4}
     volumes = logic.pairVolumes(segmentations, [])
     output = logic.newProbePath("cohort")
