@@ -53,10 +53,9 @@ def _prepared(case, backbone, labels, with_labels: bool):
 
 
 def _scan(volume):
-    from DiffusionSegLib.bpr import UNIT_MM
-    from DiffusionSegLib.cohort.pseudo_labels import working_scan
+    from DiffusionSegLib.cohort.pseudo_labels import volume_scan
 
-    return working_scan(volume.working, volume.inputs.tensor[0, 1:4].numpy() * UNIT_MM)
+    return volume_scan(volume)
 
 
 def fuse(target_volume, propagations, method: str) -> tuple[np.ndarray, float]:

@@ -38,6 +38,16 @@ def working_scan(image: sitk.Image, coordinates_mm: np.ndarray | None) -> Workin
     return WorkingScan(image, anatomical_fit(coordinates_mm, image) if coordinates_mm is not None else None)
 
 
+def volume_scan(volume, bpr_start: bool = True) -> WorkingScan:
+    """The working scan of a prepared :class:`~DiffusionSegLib.probe.sampling.LabeledVolume`, its coordinate fit
+    from the BPR channels of its network inputs (none without them or without ``bpr_start``)."""
+    from DiffusionSegLib.bpr import UNIT_MM
+
+    coords = volume.inputs.num_coords
+    fitted = coords == 3 and bpr_start
+    return working_scan(volume.working, volume.inputs.tensor[0, 1:4].numpy() * UNIT_MM if fitted else None)
+
+
 def propagation_key(target: WorkingScan, atlas: WorkingScan, atlas_classes: np.ndarray, cfg: RegistrationConfig) -> str:
     """Content hash of one registration: both working images with their grids, the atlas's classes, the
     coordinate fits and the settings."""

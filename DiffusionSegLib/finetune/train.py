@@ -233,8 +233,7 @@ def _pseudo_labeled_volumes(images, names, atlases, trainable, feature_cfg, cfg:
     """The unlabeled scans prepared and labeled by registration of the labeled ``atlases`` (fused by agreement),
     and the seconds it took (a cached registration counts the seconds it took when computed). Volumes where no
     voxel got a label are dropped."""
-    from DiffusionSegLib.bpr import UNIT_MM
-    from DiffusionSegLib.cohort.pseudo_labels import PropagationCache, fuse_by_agreement, propagate, working_scan
+    from DiffusionSegLib.cohort.pseudo_labels import PropagationCache, fuse_by_agreement, propagate, volume_scan
     from DiffusionSegLib.cohort.registration import RegistrationConfig, require_ants
     from DiffusionSegLib.probe.sampling import IGNORE, prepare_unlabeled_volume
 
@@ -242,9 +241,7 @@ def _pseudo_labeled_volumes(images, names, atlases, trainable, feature_cfg, cfg:
     started = time.perf_counter()
 
     def scan_of(volume):
-        coords = volume.inputs.num_coords
-        return working_scan(volume.working, volume.inputs.tensor[0, 1 : 1 + coords].numpy() * UNIT_MM
-                            if coords == 3 and cfg.registration_bpr_start else None)  # fmt: skip
+        return volume_scan(volume, cfg.registration_bpr_start)
 
     volumes = []
     for i, (image, name) in enumerate(zip(images, names, strict=True)):
