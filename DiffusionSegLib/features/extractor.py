@@ -190,7 +190,7 @@ def _bpr_model(backbone: BackboneBundle, bpr: Any) -> nn.Module:
 
 
 def bpr_coordinates(working_hu: torch.Tensor | sitk.Image, backbone: BackboneBundle, bpr: Any = None,
-                    device: str | torch.device = "cpu") -> torch.Tensor:  # fmt: skip
+                    device: str | torch.device = "cpu", reference_path: bool = False) -> torch.Tensor:  # fmt: skip
     """BPR coordinates of a whole working volume, as the backbone saw them in pretraining.
 
     Args:
@@ -198,6 +198,7 @@ def bpr_coordinates(working_hu: torch.Tensor | sitk.Image, backbone: BackboneBun
         backbone: the backbone (its recorded BPR hash is checked).
         bpr: a BPR module, ``(module, cfg)``, a weights path, or None for the recorded / shipped default.
         device: where the BPR runs.
+        reference_path: the straightforward way (see ``bpr.predict_working_coordinates``), for checks.
 
     Returns:
         (1, 3, D, H, W) float32 on the CPU, scaled as network input (see ``bpr.coordinate_channels``).
@@ -205,7 +206,7 @@ def bpr_coordinates(working_hu: torch.Tensor | sitk.Image, backbone: BackboneBun
     from DiffusionSegLib.bpr import coordinate_channels
 
     model = _bpr_model(backbone, bpr)
-    return coordinate_channels(working_hu, model, device=device).cpu()
+    return coordinate_channels(working_hu, model, device=device, reference_path=reference_path).cpu()
 
 
 @dataclass

@@ -90,3 +90,20 @@ def test_coords_command_writes_the_input_grid(tmp_path, tiny_model):
     written = sitk.ReadImage(str(out))
     assert same_grid(written, image) and written.GetNumberOfComponentsPerPixel() == 3
     assert main(["coords", str(source), "-o", str(out), "--weights", str(tmp_path / "none.safetensors")]) == 2
+
+
+@pytest.mark.parametrize("mode", ["translation", "affine", "dense"])
+def test_batched_windows_and_fitted_lines_give_the_reference_coordinates(tiny_model, mode):
+    """The default way (windows batched in oneDNN's layout; on a grid coarser than the BPR's, the fitted lines
+    evaluated on that grid) gives the straightforward way's coordinates (one window per pass, the fitted map
+    resampled back through physical space) to float rounding, on the BPR's grid and on a coarser one."""
+    prepared = prepare_volume(read_volume(data_path(SMALL_CT)))
+    coarse = sitk.Resample(prepared.image, [n // 2 for n in prepared.image.GetSize()], sitk.Transform(),
+                           sitk.sitkLinear, prepared.image.GetOrigin(),
+                           [2 * s for s in prepared.image.GetSpacing()], prepared.image.GetDirection())  # fmt: skip
+    for working in (prepared.image, coarse):
+        fast = predict_working_coordinates(working, tiny_model, mode=mode)
+        reference = predict_working_coordinates(working, tiny_model, mode=mode, reference_path=True)
+        assert fast.shape == reference.shape == (1, 3, *reversed(working.GetSize()))
+        torch.testing.assert_close(fast, reference, rtol=0, atol=1e-3)  # mm
+    assert tiny_model.stem.conv1.weight.is_contiguous()  # the model is left in its own layout
