@@ -15,11 +15,15 @@ import SimpleITK as sitk
 
 from DiffusionSegLib.data.volume import check_ct
 from DiffusionSegLib.preprocess.spatial import (
+    antialias_sigmas,
     body_bounding_box,
+    body_box_of_array,
     crop_to_box,
+    grid_like,
     resample_labels_onto,
     resample_onto,
     resample_to_spacing,
+    separable_samples,
     to_axis_aligned,
     to_canonical_orientation,
 )
@@ -84,12 +88,21 @@ class PreparedVolume:
         return sitk.GetArrayViewFromImage(self.image)
 
 
-def prepare_volume(image: sitk.Image, config: PreprocessConfig | None = None) -> PreparedVolume:
+def prepare_volume(image: sitk.Image, config: PreprocessConfig | None = None, *,
+                   reference_path: bool = False) -> PreparedVolume:  # fmt: skip
     """Orient, crop to the body and resample a CT to the working grid.
+
+    An input whose axes are LPS's up to order and sign (any non-oblique scan) is read once, as it is: the
+    reorientation is a view of its voxels, the body box is found on bins of that view, and the anti-aliasing
+    and resampling of the body box are one separable linear map (:func:`~.spatial.separable_samples`); no
+    full-resolution copy is made. Oblique inputs take the straightforward way.
 
     Args:
         image: input CT in HU, any orientation and spacing.
         config: preprocessing settings (defaults: :class:`PreprocessConfig`).
+        reference_path: the straightforward way, kept for checks: cast to float32, reorient
+            (``DICOMOrient``), crop, smooth the body box (``SmoothingRecursiveGaussian``), ``sitk.Resample``;
+            the default gives the same grid and crop box and the same values to float rounding (1e-3 HU).
 
     Returns:
         The prepared volume; ``to_input_grid`` maps results back.
@@ -100,14 +113,80 @@ def prepare_volume(image: sitk.Image, config: PreprocessConfig | None = None) ->
     config = config or PreprocessConfig()
     if config.check_input_is_ct:
         check_ct(image)
+    if not reference_path:
+        prepared = _prepare_in_one_pass(image, config)
+        if prepared is not None:
+            return prepared
     oriented = to_axis_aligned(to_canonical_orientation(sitk.Cast(image, sitk.sitkFloat32)))
     if config.crop_to_body:
         start, size = body_bounding_box(oriented, config.body_threshold_hu, config.body_margin_mm)
         oriented = crop_to_box(oriented, start, size)
     else:
         start, size = (0, 0, 0), oriented.GetSize()
-    working = resample_to_spacing(oriented, config.spacing_mm, "linear", default_value=-1024.0)
+    working = resample_to_spacing(oriented, config.spacing_mm, "linear", default_value=-1024.0,
+                                  reference_path=reference_path)  # fmt: skip
     return PreparedVolume(working, empty_like_grid(image), (tuple(start), tuple(size)), config)
+
+
+@dataclass(frozen=True)
+class _Grid:
+    """A grid's geometry without voxels (the ``sitk.Image`` getters that resampling grids are built from)."""
+
+    size: tuple[int, ...]
+    spacing: tuple[float, ...]
+    origin: tuple[float, ...]
+    direction: tuple[float, ...]
+
+    def GetSize(self):
+        return self.size
+
+    def GetSpacing(self):
+        return self.spacing
+
+    def GetOrigin(self):
+        return self.origin
+
+    def GetDirection(self):
+        return self.direction
+
+
+def _prepare_in_one_pass(image: sitk.Image, config: PreprocessConfig) -> PreparedVolume | None:
+    """:func:`prepare_volume` of a non-oblique input from a view of its voxels; None for an oblique input."""
+    direction = np.asarray(image.GetDirection(), dtype=np.float64).reshape(3, 3)
+    signs = np.rint(direction)
+    if not np.allclose(direction, signs, atol=1e-6) or not np.array_equal(np.abs(signs).sum(0), np.ones(3)) \
+            or not np.array_equal(np.abs(signs).sum(1), np.ones(3)):  # fmt: skip
+        return None
+    size, spacing = image.GetSize(), image.GetSpacing()
+    source = [int(np.flatnonzero(signs[a])[0]) for a in range(3)]  # the input axis each LPS axis runs along
+    flipped = [signs[a, source[a]] < 0 for a in range(3)]
+    # what DICOMOrient makes of the geometry: LPS axes, the origin at the voxel that becomes index 0
+    corner = [size[b] - 1 if flipped[a] else 0 for b in range(3) for a in range(3) if source[a] == b]
+    order = np.zeros((3, 3))
+    order[source, range(3)] = [-1.0 if f else 1.0 for f in flipped]
+    oriented = _Grid(tuple(size[b] for b in source), tuple(spacing[b] for b in source),
+                     image.TransformIndexToPhysicalPoint(corner), tuple((direction @ order).ravel()))  # fmt: skip
+    view = sitk.GetArrayViewFromImage(image).transpose([2 - source[2 - k] for k in range(3)])
+    view = view[tuple(slice(None, None, -1 if flipped[2 - k] else 1) for k in range(3))]
+    if config.crop_to_body:
+        box = body_box_of_array(view, oriented.spacing, config.body_threshold_hu, config.body_margin_mm)
+        if box is None:
+            return None
+        start, box_size = box
+    else:
+        start, box_size = (0, 0, 0), oriented.size
+    view = view[tuple(slice(start[2 - k], start[2 - k] + box_size[2 - k]) for k in range(3))]
+    origin = np.asarray(oriented.origin) + np.asarray(oriented.direction).reshape(3, 3) @ \
+        (np.asarray(start) * np.asarray(oriented.spacing))  # fmt: skip
+    cropped = _Grid(tuple(box_size), oriented.spacing, tuple(origin), oriented.direction)
+    target = grid_like(cropped, config.spacing_mm)
+    sigmas = antialias_sigmas(cropped.spacing, target.GetSpacing()) or [0.0, 0.0, 0.0]
+    values = separable_samples(view, cropped, target, sigmas, -1024.0)
+    if values is None:
+        return None
+    working = sitk.GetImageFromArray(values)
+    working.CopyInformation(target)
+    return PreparedVolume(working, empty_like_grid(image), (tuple(start), tuple(box_size)), config)
 
 
 def to_input_grid(

@@ -19,8 +19,11 @@ __all__ = [
     "to_canonical_orientation",
     "to_axis_aligned",
     "body_bounding_box",
+    "body_box_of_array",
     "crop_to_box",
     "resample_to_spacing",
+    "antialias_sigmas",
+    "separable_samples",
     "resample_onto",
     "resample_labels_onto",
     "grid_like",
@@ -77,24 +80,64 @@ def body_bounding_box(
     follows skin and muscle and excludes the couch when it is separated from the body by air.
     Falls back to the whole image when nothing is above the threshold.
     """
-    shrink = [max(1, int(round(4.0 / s))) for s in image.GetSpacing()]  # ~4 mm grid: fast and sufficient
+    shrink = _body_shrink(image.GetSpacing())
     small = sitk.BinShrink(image, shrink) if any(f > 1 for f in shrink) else image
     mask = sitk.BinaryThreshold(sitk.Cast(small, sitk.sitkFloat32), lowerThreshold=float(threshold_hu),
                                 upperThreshold=1e9, insideValue=1, outsideValue=0)  # fmt: skip
+    return _box_of_mask(mask, shrink, image.GetSize(), image.GetSpacing(), margin_mm)
+
+
+def _body_shrink(spacing: Sequence[float]) -> list[int]:
+    return [max(1, int(round(4.0 / s))) for s in spacing]  # ~4 mm grid: fast and sufficient
+
+
+def _box_of_mask(mask: sitk.Image, shrink: Sequence[int], size: Sequence[int], spacing: Sequence[float],
+                 margin_mm: float) -> tuple[tuple[int, int, int], tuple[int, int, int]]:  # fmt: skip
+    """The box of the largest component of the shrunk body ``mask``, in the full image's indices, with margin."""
     components = sitk.RelabelComponent(sitk.ConnectedComponent(mask), sortByObjectSize=True)
     stats = sitk.LabelShapeStatisticsImageFilter()
     stats.Execute(components)
-    size = image.GetSize()
     if 1 not in stats.GetLabels():
         return (0, 0, 0), tuple(size)  # type: ignore[return-value]
     x0, y0, z0, nx, ny, nz = stats.GetBoundingBox(1)
     start_small, stop_small = (x0, y0, z0), (x0 + nx, y0 + ny, z0 + nz)
     start, stop = [], []
     for axis in range(3):
-        margin = int(np.ceil(margin_mm / image.GetSpacing()[axis]))
+        margin = int(np.ceil(margin_mm / spacing[axis]))
         start.append(max(0, start_small[axis] * shrink[axis] - margin))
         stop.append(min(size[axis], stop_small[axis] * shrink[axis] + margin))
     return tuple(start), tuple(b - a for a, b in zip(start, stop, strict=True))  # type: ignore[return-value]
+
+
+def body_box_of_array(array: np.ndarray, spacing: Sequence[float], threshold_hu: float = -100.0,
+                      margin_mm: float = 10.0) -> tuple[tuple[int, int, int], tuple[int, int, int]] | None:  # fmt: skip
+    """:func:`body_bounding_box` of a (z, y, x) array view (any dtype, any strides: a flipped or permuted view of
+    the input's voxels, never copied whole) with voxel size ``spacing`` (x, y, z). The bins of ``BinShrink`` are
+    summed in double precision by ``torch`` (as ITK accumulates them), slab by slab, and a bin is body where its sum
+    reaches ``threshold_hu`` times its voxel count, which is where its mean does: the same box. None when the
+    image is smaller than one bin along an axis (ITK's rule there differs)."""
+    import torch
+    import torch.nn.functional as F
+
+    shrink = _body_shrink(spacing)
+    size = tuple(reversed(array.shape))
+    if any(f > n for f, n in zip(shrink, size, strict=True)):
+        return None
+    kernel = tuple(reversed(shrink))  # (z, y, x)
+    bins = [n // f for n, f in zip(array.shape, kernel, strict=True)]
+    count = int(np.prod(kernel))
+    # integer voxels: float32 sums are exact below 2**24 (int16 bins of up to 512 voxels), else double as ITK
+    exact = array.dtype.kind in "iub" and count * max(-int(np.iinfo(array.dtype).min), int(np.iinfo(array.dtype).max)) \
+        < 2**24  # fmt: skip
+    dtype = np.float32 if exact else np.float64
+    step = kernel[0] * max(1, _SLAB_VOXELS // (kernel[0] * array.shape[1] * array.shape[2]))
+    sums = torch.empty(bins, dtype=torch.float32 if exact else torch.float64)
+    for z0 in range(0, bins[0] * kernel[0], step):
+        slab = torch.from_numpy(np.array(array[z0 : min(z0 + step, bins[0] * kernel[0])], dtype))
+        sums[z0 // kernel[0] : z0 // kernel[0] + slab.shape[0] // kernel[0]] = \
+            F.avg_pool3d(slab[None, None], kernel, divisor_override=1)[0, 0]  # fmt: skip
+    mask = sitk.GetImageFromArray((sums.double() >= float(np.float32(threshold_hu)) * count).numpy().astype(np.uint8))
+    return _box_of_mask(mask, shrink, size, spacing, margin_mm)
 
 
 def crop_to_box(image: sitk.Image, start: Sequence[int], size: Sequence[int]) -> sitk.Image:
@@ -129,7 +172,7 @@ def grid_like(
 
 def resample_to_spacing(
     image: sitk.Image, spacing_mm: Sequence[float], interpolation: str = "linear", default_value: float = 0.0,
-    antialias: bool = True,
+    antialias: bool = True, reference_path: bool = False,
 ) -> sitk.Image:  # fmt: skip
     """Resample to a new voxel size over the same physical extent.
 
@@ -140,74 +183,111 @@ def resample_to_spacing(
         default_value: value outside the input.
         antialias: Gaussian-smooth axes that are downsampled by more than 1.5x before sampling (intensity
             images only; ignored for ``"nearest"``).
+        reference_path: smooth the whole image (``SmoothingRecursiveGaussian``), then ``sitk.Resample``: the
+            straightforward way, kept for checks; by default linear sampling of an axis-aligned image computes
+            both steps at once (:func:`separable_samples`; the same values to float rounding).
     """
     target = grid_like(image, spacing_mm)
     source = image
-    if antialias and interpolation != "nearest":
-        sigmas = [
-            0.5 * np.sqrt(max(s_out**2 - s_in**2, 0.0)) if s_out > 1.5 * s_in else 0.0
-            for s_in, s_out in zip(image.GetSpacing(), target.GetSpacing(), strict=True)
-        ]
-        if any(s > 0 for s in sigmas):
-            if interpolation == "linear":
-                fast = _smoothed_samples(image, target, [max(s, 1e-3) for s in sigmas], default_value)
-                if fast is not None:
-                    return fast
-            pixel_type = image.GetPixelID()
-            smoothed = sitk.SmoothingRecursiveGaussian(sitk.Cast(image, sitk.sitkFloat32), [max(s, 1e-3) for s in sigmas])
-            source = smoothed if pixel_type == sitk.sitkFloat32 else sitk.Cast(smoothed, sitk.sitkFloat32)
+    sigmas = antialias_sigmas(image.GetSpacing(), target.GetSpacing())
+    if antialias and interpolation != "nearest" and sigmas is not None:
+        if interpolation == "linear" and not reference_path:
+            fast = _smoothed_samples(image, target, sigmas, default_value)
+            if fast is not None:
+                return fast
+        pixel_type = image.GetPixelID()
+        smoothed = sitk.SmoothingRecursiveGaussian(sitk.Cast(image, sitk.sitkFloat32), sigmas)
+        source = smoothed if pixel_type == sitk.sitkFloat32 else sitk.Cast(smoothed, sitk.sitkFloat32)
     return resample_onto(source, target, interpolation, default_value)
 
 
-_MAX_SMOOTHING_PASSES = 2.0
-"""Use :func:`_smoothed_samples` when it filters at most this many whole images' worth of voxels (3 otherwise)."""
+def antialias_sigmas(spacing_in: Sequence[float], spacing_out: Sequence[float]) -> list[float] | None:
+    """Gaussian sigmas (mm, per axis x, y, z) that anti-alias a resampling from ``spacing_in`` to ``spacing_out``:
+    ``sqrt(out² - in²) / 2`` on axes downsampled by more than 1.5x, 1e-3 mm on the others; None when no axis is."""
+    sigmas = [0.5 * np.sqrt(max(s_out**2 - s_in**2, 0.0)) if s_out > 1.5 * s_in else 0.0
+              for s_in, s_out in zip(spacing_in, spacing_out, strict=True)]  # fmt: skip
+    return [max(s, 1e-3) for s in sigmas] if any(s > 0 for s in sigmas) else None
+
+
+_SLAB_VOXELS = 1 << 22
+"""Input voxels converted to float at once (slabs of slices): the temporaries stay a few tens of MB."""
 
 
 def _smoothed_samples(image: sitk.Image, target: sitk.Image, sigmas: Sequence[float],
                       default_value: float) -> sitk.Image | None:  # fmt: skip
-    """Gaussian smoothing (ITK's recursive filter, axis by axis) then linear sampling on ``target``, computing the
-    smoothed image only where the sampling reads it: x on the whole image, y on the x columns that are read, z
-    on the (x, y) lines that are read, then the separable linear interpolation (x, then y, then z, in double, as
-    ITK's linear interpolator). A 5x coarser grid reads 2 of every 5 columns, so about half the filtering of the
-    whole image is skipped. The axis order differs from ``SmoothingRecursiveGaussian``'s (z, x, y): values agree to
-    float rounding (1e-4 HU). None when either grid is not axis-aligned with the other."""
-    from DiffusionSegLib.preprocess.inverse import axis_maps
-
-    maps = axis_maps(image, target)  # target index -> continuous index of ``image``
-    if maps is None or any(m.working_axis != k for k, m in enumerate(maps)):
+    """Gaussian smoothing (ITK's recursive filter along each axis) then linear sampling on ``target``, as one
+    separable linear map (:func:`separable_samples`) of ``image``'s voxels. None when either grid is not
+    axis-aligned with the other."""
+    values = separable_samples(sitk.GetArrayViewFromImage(image), image, target, sigmas, default_value)
+    if values is None:
         return None
-    needed = [np.unique(np.concatenate([m.i0[m.inside], m.i1[m.inside]])) for m in maps]
-    if any(n.size == 0 for n in needed):
-        return None
-    read = [n.size / size for n, size in zip(needed, np.shape(sitk.GetArrayViewFromImage(image)), strict=True)]
-    if 1 + read[2] + read[2] * read[1] > _MAX_SMOOTHING_PASSES:  # hardly coarser: filtering everything is as cheap
-        return None
-    spacing = image.GetSpacing()
-
-    def smooth(array: np.ndarray, axis: int) -> np.ndarray:  # axis: array axis (0 z, 1 y, 2 x)
-        volume = sitk.GetImageFromArray(array)
-        volume.SetSpacing(spacing)
-        filtered = sitk.RecursiveGaussian(volume, float(sigmas[2 - axis]), False,
-                                          sitk.RecursiveGaussianImageFilter.ZeroOrder, 2 - axis)
-        return sitk.GetArrayFromImage(filtered)
-
-    array = sitk.GetArrayViewFromImage(image)
-    array = smooth(np.ascontiguousarray(array, dtype=np.float32), 2)
-    array = smooth(np.ascontiguousarray(np.take(array, needed[2], axis=2)), 1)
-    array = smooth(np.ascontiguousarray(np.take(array, needed[1], axis=1)), 0)
-    values = np.take(array, needed[0], axis=0).astype(np.float64)
-    for axis in (2, 1, 0):  # x, then y, then z, as ITK's linear interpolator blends
-        m = maps[axis]
-        last = needed[axis].size - 1  # (indices outside the image read anything: they get the default below)
-        low = np.take(values, np.minimum(np.searchsorted(needed[axis], m.i0), last), axis=axis)
-        high = np.take(values, np.minimum(np.searchsorted(needed[axis], m.i1), last), axis=axis)
-        shape = [1, 1, 1]
-        shape[axis] = m.weight.size
-        values = low + (high - low) * m.weight.reshape(shape)
-    inside = maps[0].inside[:, None, None] & maps[1].inside[None, :, None] & maps[2].inside[None, None, :]
-    result = sitk.GetImageFromArray(np.where(inside, values, default_value).astype(np.float32))
+    result = sitk.GetImageFromArray(values)
     result.CopyInformation(target)
     return result if image.GetPixelID() == sitk.sitkFloat32 else sitk.Cast(result, image.GetPixelID())
+
+
+def separable_samples(array: np.ndarray, grid, target: sitk.Image, sigmas: Sequence[float],
+                      default_value: float) -> np.ndarray | None:  # fmt: skip
+    """What ITK's recursive Gaussian smoothing (``sigmas`` in mm per axis x, y, z; 0: none) followed by linear
+    sampling on ``target`` gives, computed as three matrix products.
+
+    Both steps are linear along each axis, so along array axis k they are one matrix ``M_k`` (target samples x
+    voxels): ITK's filter applied to unit impulses (the exact response of its recursive filter, borders
+    included), then the two-voxel blend of linear interpolation (:func:`~DiffusionSegLib.preprocess.inverse.axis_maps`).
+    The result is ``M_z · M_y · M_x`` applied to the voxels: float32 matrix products, x first, slab by slab, so
+    ``array`` (any dtype, any strides: a flipped, permuted or cropped view) is read once and never copied whole.
+    Values agree with filtering the whole image then ``sitk.Resample`` to float rounding (1e-3 HU).
+
+    Args:
+        array: (z, y, x) voxels on ``grid``.
+        grid: an image (or anything with ``GetSize``, ``GetSpacing``, ``GetOrigin``, ``GetDirection``) whose
+            direction is the identity, giving ``array``'s geometry.
+        target: the grid to sample (axis-aligned with ``grid``).
+        sigmas: Gaussian sigma per axis (x, y, z) in mm; 0 for none.
+        default_value: value of target voxels outside ``grid``.
+
+    Returns:
+        A (z, y, x) float32 array on ``target``, or None when the grids are not axis-aligned with each other or
+        an axis to smooth has fewer than 4 voxels (ITK's recursive filter needs 4).
+    """
+    import torch
+
+    from DiffusionSegLib.preprocess.inverse import axis_maps
+
+    maps = axis_maps(grid, target)  # target index -> continuous index of ``grid``
+    if maps is None or any(m.working_axis != k for k, m in enumerate(maps)):
+        return None
+    matrices = []
+    for k, m in enumerate(maps):
+        n, axis = array.shape[k], 2 - k
+        blend = np.zeros((m.i0.size, n))  # linear interpolation: two voxels per target sample
+        rows = np.arange(m.i0.size)
+        np.add.at(blend, (rows, m.i0), 1.0 - m.weight)
+        np.add.at(blend, (rows, m.i1), m.weight)
+        if sigmas[axis] > 0:
+            if n < 4:
+                return None
+            blend = blend @ _gaussian_matrix(n, grid.GetSpacing()[axis], float(sigmas[axis]))
+        matrices.append(torch.from_numpy(blend.astype(np.float32)))
+    mz, my, mx = matrices
+    nz, ny, nx = array.shape
+    rows_yx = torch.empty((nz, my.shape[0], mx.shape[0]), dtype=torch.float32)
+    step = max(1, _SLAB_VOXELS // (ny * nx))
+    for z0 in range(0, nz, step):
+        slab = torch.from_numpy(np.array(array[z0 : z0 + step], dtype=np.float32))  # (a writable copy)
+        rows_yx[z0 : z0 + step] = torch.matmul(my, torch.matmul(slab, mx.T))
+    values = torch.matmul(mz, rows_yx.reshape(nz, -1)).reshape(mz.shape[0], my.shape[0], mx.shape[0]).numpy()
+    inside = maps[0].inside[:, None, None] & maps[1].inside[None, :, None] & maps[2].inside[None, None, :]
+    return np.where(inside, values, np.float32(default_value))
+
+
+def _gaussian_matrix(n: int, spacing_mm: float, sigma_mm: float) -> np.ndarray:
+    """(n, n) matrix of ITK's ``RecursiveGaussian`` (zero order, not normalised across scale) along n voxels of
+    ``spacing_mm``: column j is its response to a unit impulse at voxel j (in double precision)."""
+    impulses = sitk.GetImageFromArray(np.eye(n))  # row j (along x) holds the impulse at j
+    impulses.SetSpacing((float(spacing_mm), 1.0))
+    response = sitk.RecursiveGaussian(impulses, sigma_mm, False, sitk.RecursiveGaussianImageFilter.ZeroOrder, 0)
+    return sitk.GetArrayFromImage(response).T
 
 
 def resample_onto(
