@@ -32,8 +32,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 OUTPUT_NAMES = ("segmentation.nii.gz", "segmentation.seg.nrrd", "coordinates.nii.gz", "preview.png")
 """What the demo writes into its output folder."""
 
-SEGMENT_STAGES = {"prepare": "preprocess + BPR", "features": "backbone + probe", "to_input_grid": "to input grid",
-                  "cleanup": "largest components"}  # fmt: skip
+SEGMENT_STAGES = {"prepare": "preprocess", "bpr": "BPR", "features": "backbone + probe",
+                  "to_input_grid": "to input grid", "cleanup": "largest components"}  # fmt: skip
 """``segment``'s timed stages and their names in the demo's report."""
 
 

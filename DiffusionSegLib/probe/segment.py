@@ -53,7 +53,8 @@ class SegmentationResult:
             disagreeing with the ensemble ("disagreement"), else the normalised entropy of the class
             probabilities in [0, 1] ("entropy").
         uncertainty_kind: "disagreement", "entropy" or None.
-        seconds: wall time per stage (prepare, features, to_input_grid, cleanup, total).
+        seconds: wall time per stage (prepare, bpr, features, field_of_view, to_input_grid, cleanup, total);
+            ``bpr`` holds the BPR coordinates and the network inputs built from them.
         working_size: (x, y, z) size of the working grid.
         coordinates: with ``segment(..., coordinates=True)``, the BPR coordinate map the backbone was fed, on the
             input grid (3 components, mm-equivalent, as ``predict_body_coordinates`` gives); else None.
@@ -178,8 +179,10 @@ def segment(image: sitk.Image, probe: TrainedProbe, backbone, *, largest_compone
             preparing the volume and running the BPR a second time for a coordinate map).
         precision: arithmetic of the backbone and heads, ``"auto"`` (bfloat16 where it is faster and agrees,
             see :mod:`DiffusionSegLib.precision`), ``"float32"`` or ``"bfloat16"``.
-        reference_path: map back the straightforward way (every class resampled through physical space, the
-            body-axis map at full resolution): the slow path the default one reproduces, kept for checks.
+        reference_path: the straightforward way at every step, the slow path the default one reproduces, kept
+            for checks: preparation by whole images (``prepare_volume(..., reference_path=True)``), the BPR one
+            window at a time with its fitted map resampled back, every class resampled through physical space,
+            the body-axis map at full resolution.
         progress: show MONAI's sliding-window progress bar.
         progress_callback: called as ``(fraction, message)``.
         should_stop: polled per window batch; True raises :class:`SegmentationCancelled`.
@@ -221,7 +224,8 @@ def segment_with_probes(image: sitk.Image, probes: Sequence[TrainedProbe], backb
     Raises:
         UserInputError: no probes, probes with different feature settings, or a probe of another backbone.
     """
-    from DiffusionSegLib.features import FeatureExtractor, PyramidPredictor, build_inputs, resolve_device
+    from DiffusionSegLib.features import FeatureExtractor, PyramidPredictor, bpr_coordinates, build_inputs
+    from DiffusionSegLib.features import resolve_device
     from DiffusionSegLib.features import sliding_window_apply, window_size
     from DiffusionSegLib.precision import autocast_context, resolve_precision
     from DiffusionSegLib.preprocess import prepare_volume
@@ -245,13 +249,17 @@ def segment_with_probes(image: sitk.Image, probes: Sequence[TrainedProbe], backb
     start = clock = time.perf_counter()
 
     report(0.0, "preparing the volume")
-    prepared = prepare_volume(image, backbone.pretrain.preprocess)
-    with torch.no_grad(), autocast_context(precision, compute):  # the BPR is a network too
-        inputs = build_inputs(prepared.image, backbone, cfg, bpr=bpr, device=compute)
+    prepared = prepare_volume(image, backbone.pretrain.preprocess, reference_path=reference_path)
+    seconds["prepare"], clock = time.perf_counter() - clock, time.perf_counter()
+    coords = None
+    if backbone.use_bpr:
+        with torch.no_grad(), autocast_context(precision, compute):  # the BPR is a network too
+            coords = bpr_coordinates(prepared.image, backbone, bpr, compute, reference_path=reference_path)
+    inputs = build_inputs(prepared.image, backbone, cfg, coords=coords, device=compute)
     if coordinates and not inputs.num_coords:
         raise UserInputError(f"backbone '{Path(backbone.path).name}' uses no BPR coordinates: there is no "
                              "coordinate map to return")  # fmt: skip
-    seconds["prepare"], clock = time.perf_counter() - clock, time.perf_counter()
+    seconds["bpr"], clock = time.perf_counter() - clock, time.perf_counter()
 
     extractor = FeatureExtractor(backbone, cfg, inputs.num_coords).to(compute)
     heads = [probe.head.to(compute).eval() for probe in probes]
