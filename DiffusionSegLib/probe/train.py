@@ -326,7 +326,8 @@ def train_head(patch_sets: Sequence[PatchFeatures], labels: Sequence[OrganLabel]
     """Train a probe head on cached patch features (:func:`cache_patch_features`), one set per labeled volume.
 
     The last ``cfg.val_volumes`` sets are held out for early stopping when more remain, else a random
-    ``cfg.val_fraction`` of the patches (at most ``cfg.max_val_patches``). Arguments as :func:`fit_probe`;
+    ``cfg.val_fraction`` of the patches (at most ``cfg.max_val_patches``, and never all of them: with a single
+    patch, the training patches validate). Arguments as :func:`fit_probe`;
     ``rng`` (default: seeded with ``cfg.seed``) draws the held-out patches, batches and crops.
 
     Raises:
@@ -347,7 +348,7 @@ def train_head(patch_sets: Sequence[PatchFeatures], labels: Sequence[OrganLabel]
     held_out = cfg.val_volumes if len(patch_sets) > cfg.val_volumes > 0 else 0
     jobs = [(v, p) for v, s in enumerate(patch_sets) for p in range(len(s.classes))]
     n_val = 0 if held_out else (max(1, int(round(cfg.val_fraction * len(jobs)))) if cfg.val_fraction > 0 else 0)
-    n_val = min(n_val, cfg.max_val_patches)
+    n_val = min(n_val, cfg.max_val_patches, len(jobs) - 1)  # one patch at least trains (validation then reads it)
     val_jobs = set(rng.choice(len(jobs), n_val, replace=False).tolist()) if n_val else set()
     train_cache, val_cache = _Cache(), _Cache()
     for j, (v, p) in enumerate(jobs):

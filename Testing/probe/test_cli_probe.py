@@ -70,3 +70,18 @@ def test_quick_recipe_trains_the_context_head_reading_the_input_and_options_over
     out = tmp_path / "seg.nii.gz"
     assert main(["segment", ct, "--probe", str(probe), "-o", str(out), "--device", "cpu"]) == 0
     assert sitk.ReadImage(str(out)).GetSize() == sitk.ReadImage(ct).GetSize()
+
+
+def test_one_patch_per_volume_trains(tmp_path):
+    """``--patches-per-volume 1`` with one case: the held-out share of one patch used to take the only patch,
+    leaving nothing to train on (torch.cat of an empty list); the patch now trains and validates."""
+    backbone = make_backbone(tmp_path / "backbone.safetensors")
+    ct = str(data_path("labeled/ircadb1.01_ct.nii.gz"))
+    organs = str(data_path("labeled/ircadb1.01_organs.nii.gz"))
+    legend = str(data_path("labeled/ircadb1.01_legend.json"))
+    probe = tmp_path / "probe.safetensors"
+    status = main(["train-probe", "--backbone", str(backbone.path), "--case", ct, organs, "--labels-legend", legend,
+                   "--organs", "liver", "--head", "linear", "--steps", "2", "--patch", "16", "32", "32",
+                   "--patches-per-volume", "1", "-o", str(probe)])  # fmt: skip
+    assert status == 0 and probe.is_file()
+    assert read_probe_config(probe)["probe"]["patches_per_volume"] == 1
