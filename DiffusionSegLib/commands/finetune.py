@@ -11,6 +11,8 @@ it and writes the best model so far.
 ``--unlabeled DIR|GLOB|FILE ...`` adds the unlabeled scans of the cohort: the labeled scans are registered to each
 (ANTs, started from the BPR coordinates; ``pip install antspyx``), the warped labels where they agree train the
 network beside the true ones, and ``--minutes`` then includes that registration (cached in ``--run-dir``).
+With ``--pseudo-labels self-training`` nothing is registered: the network trains on the labeled scans for
+``--self-training-start`` of the run, then labels the unlabeled scans itself and keeps its confident voxels.
 """
 
 from __future__ import annotations
@@ -55,9 +57,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="forward-pass arithmetic (default auto: bfloat16 on AMX CPUs and bfloat16 GPUs)")
     parser.add_argument("--bpr", help="BPR weights for a backbone with coordinates (default: the recorded one)")
     parser.add_argument("--unlabeled", nargs="+", metavar="SCANS", help="unlabeled CTs of the same cohort to learn "
-                        "from too: folders, files or glob patterns (labels propagated by registration; needs antspyx)")
+                        "from too: folders, files or glob patterns (see --pseudo-labels)")
     parser.add_argument("--unlabeled-share", type=float, default=0.5, help="share of each batch from the unlabeled "
                         "scans (default 0.5)")  # fmt: skip
+    parser.add_argument("--pseudo-labels", choices=("registration", "self-training"), default="registration",
+                        help="how the unlabeled scans get labels: 'registration' (labeled scans registered to them, "
+                        "warped labels kept where all agree; needs antspyx) or 'self-training' (the network, trained "
+                        "on the labeled scans for --self-training-start of the run, labels them itself, confident "
+                        "voxels only); default registration")  # fmt: skip
+    parser.add_argument("--self-training-start", type=float, default=0.5, help="share of the run trained on the "
+                        "labeled scans alone before self-training labels the unlabeled ones (default 0.5)")
+    parser.add_argument("--pseudo-confidence", type=float, default=0.9, help="self-training keeps voxels predicted "
+                        "with at least this probability (default 0.9)")  # fmt: skip
     parser.add_argument("--registration", choices=("SyN", "SyNRA", "Affine"), default="SyN",
                         help="ANTs registration of labeled to unlabeled scans (default SyN)")
 
@@ -76,7 +87,8 @@ def run(args: argparse.Namespace) -> int:
                "checkpoint_every": args.checkpoint_every, "seed": args.seed, "device": args.device,
                "precision": args.precision, "backbone_lr_scale": args.backbone_lr_scale,
                "ema_decay": args.ema_decay, "unlabeled_share": args.unlabeled_share,
-               "registration": args.registration}  # fmt: skip
+               "registration": args.registration, "pseudo_labels": args.pseudo_labels,
+               "self_training_start": args.self_training_start, "pseudo_confidence": args.pseudo_confidence}  # fmt: skip
     if args.spacing:
         options["spacing_mm"] = tuple(args.spacing)
     if args.patch:
@@ -90,7 +102,8 @@ def run(args: argparse.Namespace) -> int:
         from DiffusionSegLib.cohort.registration import require_ants
         from DiffusionSegLib.data.datasets import find_unlabeled_scans
 
-        require_ants()
+        if cfg.pseudo_labels == "registration":
+            require_ants()
         unlabeled_paths = find_unlabeled_scans(args.unlabeled, exclude=[pair[0] for pair in args.case or ()])
     inputs = case_inputs(args, args.backbone or default_backbone_path()) + unlabeled_paths
     check_output_path(args.output, (".safetensors",), "model", inputs)

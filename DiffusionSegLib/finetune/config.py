@@ -7,10 +7,11 @@ from typing import Literal
 
 from DiffusionSegLib.config import config_from_dict, config_to_dict
 
-__all__ = ["FinetuneConfig", "INITS", "REGISTRATIONS"]
+__all__ = ["FinetuneConfig", "INITS", "PSEUDO_LABELS", "REGISTRATIONS"]
 
 INITS = ("pretrained", "random")
 REGISTRATIONS = ("SyN", "SyNRA", "Affine")
+PSEUDO_LABELS = ("registration", "self-training")
 
 
 @dataclass
@@ -86,6 +87,17 @@ class FinetuneConfig:
     unlabeled_share: float = 0.5
     """Share of each batch cut from the unlabeled scans (their propagated pseudo-labels) when unlabeled scans are
     given; the rest comes from the labeled scans, so a few true labels are not outvoted by many propagated ones."""
+    pseudo_labels: str = "registration"
+    """Where the unlabeled scans' labels come from: ``"registration"`` (each labeled scan registered to each
+    unlabeled one, warped labels kept where all agree) or ``"self-training"`` (the network trains on the labeled
+    scans alone for ``self_training_start`` of the run, then labels the unlabeled scans itself, keeping the voxels
+    it predicts with at least ``pseudo_confidence``; no registration)."""
+    self_training_start: float = 0.5
+    """Share of the run (of the budget, or of the steps) trained on the labeled scans alone before self-training
+    labels the unlabeled ones."""
+    pseudo_confidence: float = 0.9
+    """Self-training keeps a voxel's predicted class where its softmax probability is at least this; the rest is
+    left out of the loss."""
     registration: str = "SyN"
     """How labeled scans are registered to the unlabeled ones (ANTs ``type_of_transform``: ``"SyN"``,
     ``"SyNRA"``, ``"Affine"``)."""
@@ -150,6 +162,11 @@ class FinetuneConfig:
                              f"[0, 1] and overlap {self.overlap} in [0, 1)")  # fmt: skip
         if not 0 <= self.unlabeled_share <= 1:
             raise ValueError(f"unlabeled_share {self.unlabeled_share} must lie in [0, 1]")
+        if self.pseudo_labels not in PSEUDO_LABELS:
+            raise ValueError(f"pseudo_labels {self.pseudo_labels!r} is unknown; expected one of {list(PSEUDO_LABELS)}")
+        if not 0 < self.self_training_start < 1 or not 0 < self.pseudo_confidence <= 1:
+            raise ValueError(f"self_training_start {self.self_training_start} must lie in (0, 1) and pseudo_confidence "
+                             f"{self.pseudo_confidence} in (0, 1]")  # fmt: skip
         if self.registration not in REGISTRATIONS:
             raise ValueError(f"registration {self.registration!r} is unknown; expected one of {list(REGISTRATIONS)}")
         if not 0 <= self.ema_decay < 1 or self.backbone_lr_scale <= 0:
@@ -161,7 +178,8 @@ class FinetuneConfig:
     def to_dict(self) -> dict:
         # fields added after runs were recorded: left out at their defaults so the recorded runs' keys still match
         return config_to_dict(self, omit_at_default=("backbone_lr_scale", "ema_decay", "unlabeled_share",
-                                                     "registration", "registration_bpr_start"))  # fmt: skip
+                                                     "registration", "registration_bpr_start", "pseudo_labels",
+                                                     "self_training_start", "pseudo_confidence"))  # fmt: skip
 
     @classmethod
     def from_dict(cls, data: dict) -> FinetuneConfig:

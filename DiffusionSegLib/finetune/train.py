@@ -51,6 +51,8 @@ __all__ = ["SegmentationNetwork", "FinetuneResult", "FinetuneCancelled", "finetu
 log = logging.getLogger(__name__)
 
 SNAPSHOT = "last.pt"
+SELF_TRAINING_LABELS = "self_training_labels.npz"
+"""Beside the snapshot: the labels self-training gave the unlabeled scans (a resumed run reuses them)."""
 
 
 class FinetuneCancelled(RuntimeError):
@@ -162,28 +164,48 @@ def _dice_per_class(prediction: np.ndarray, reference: np.ndarray, num_classes: 
 
 
 @torch.no_grad()
-def _validate(network: SegmentationNetwork, volumes, cfg: FinetuneConfig, device: torch.device,
-              num_classes: int, autocast=None) -> float:  # fmt: skip
+def _predict_logits(network: SegmentationNetwork, volume, cfg: FinetuneConfig, device: torch.device,
+                    autocast) -> torch.Tensor:  # fmt: skip
+    """Class logits ``(C, D, H, W)`` of a whole prepared volume (sliding window, on the CPU)."""
     from monai.inferers import sliding_window_inference
 
+    inputs = volume.inputs.tensor
+    if volume.inputs.num_coords and not cfg.use_coordinates:
+        inputs = inputs.clone()
+        inputs[:, 1 : 1 + volume.inputs.num_coords] = 0.0
+    with autocast:
+        logits = sliding_window_inference(inputs, roi_size=cfg.patch_size_vox, sw_batch_size=1,
+                                          predictor=network, overlap=cfg.overlap, mode="gaussian",
+                                          sw_device=device, device="cpu")  # fmt: skip
+    return logits[0].float()
+
+
+@torch.no_grad()
+def _validate(network: SegmentationNetwork, volumes, cfg: FinetuneConfig, device: torch.device,
+              num_classes: int, autocast=None) -> float:  # fmt: skip
     from DiffusionSegLib.precision import autocast_context
 
     autocast = autocast if autocast is not None else autocast_context(cfg.precision, device)
     network.eval()
     means = []
     for volume in volumes:
-        inputs = volume.inputs.tensor
-        if volume.inputs.num_coords and not cfg.use_coordinates:
-            inputs = inputs.clone()
-            inputs[:, 1 : 1 + volume.inputs.num_coords] = 0.0
-        with autocast:
-            logits = sliding_window_inference(inputs, roi_size=cfg.patch_size_vox, sw_batch_size=1,
-                                              predictor=network, overlap=cfg.overlap, mode="gaussian",
-                                              sw_device=device, device="cpu")  # fmt: skip
-        prediction = logits[0].argmax(0).numpy()
+        prediction = _predict_logits(network, volume, cfg, device, autocast).argmax(0).numpy()
         means.append(np.nanmean(_dice_per_class(prediction, volume.classes, num_classes)))
     network.train()
     return float(np.mean(means))
+
+
+@torch.no_grad()
+def _self_labels(network: SegmentationNetwork, volume, cfg: FinetuneConfig, device: torch.device,
+                 autocast) -> np.ndarray:  # fmt: skip
+    """The network's own labels of an unlabeled volume: its predicted class where the softmax probability is at
+    least ``cfg.pseudo_confidence``, :data:`~DiffusionSegLib.probe.sampling.IGNORE` elsewhere."""
+    from DiffusionSegLib.probe.sampling import IGNORE
+
+    network.eval()
+    confidence, prediction = torch.softmax(_predict_logits(network, volume, cfg, device, autocast), 0).max(0)
+    network.train()
+    return np.where(confidence.numpy() >= cfg.pseudo_confidence, prediction.numpy(), IGNORE).astype(np.uint8)
 
 
 def _weight_average(network: nn.Module, cfg: FinetuneConfig):
@@ -228,20 +250,9 @@ def _batch_sources(labeled: list, pseudo: list, cfg: FinetuneConfig) -> list[lis
     return [labeled] * (cfg.batch_size - from_pseudo) + [pseudo] * from_pseudo
 
 
-def _pseudo_labeled_volumes(images, names, atlases, trainable, feature_cfg, cfg: FinetuneConfig, bpr, device,
-                            progress, report, stop, cache_dir) -> tuple[list, float]:  # fmt: skip
-    """The unlabeled scans prepared and labeled by registration of the labeled ``atlases`` (fused by agreement),
-    and the seconds it took (a cached registration counts the seconds it took when computed). Volumes where no
-    voxel got a label are dropped."""
-    from DiffusionSegLib.cohort.pseudo_labels import PropagationCache, fuse_by_agreement, propagate, volume_scan
-    from DiffusionSegLib.cohort.registration import RegistrationConfig, require_ants
-    from DiffusionSegLib.probe.sampling import IGNORE, prepare_unlabeled_volume
-
-    require_ants()
-    started = time.perf_counter()
-
-    def scan_of(volume):
-        return volume_scan(volume, cfg.registration_bpr_start)
+def _unlabeled_volumes(images, names, trainable, feature_cfg, bpr, device, report, stop) -> list:
+    """The unlabeled scans prepared on the working grid, every voxel ignored until labeled."""
+    from DiffusionSegLib.probe.sampling import prepare_unlabeled_volume
 
     volumes = []
     for i, (image, name) in enumerate(zip(images, names, strict=True)):
@@ -249,6 +260,68 @@ def _pseudo_labeled_volumes(images, names, atlases, trainable, feature_cfg, cfg:
             raise FinetuneCancelled("fine-tuning cancelled while preparing the unlabeled volumes")
         report(0.05, f"preparing unlabeled volume {i + 1}/{len(images)}")
         volumes.append(prepare_unlabeled_volume(image, trainable, feature_cfg, name, bpr=bpr, device=device))
+    return volumes
+
+
+def _label_by_self_training(network, volumes, cfg: FinetuneConfig, device, autocast, stored: Path | None,
+                            report) -> list:  # fmt: skip
+    """Give ``volumes`` the network's confident labels (:func:`_self_labels`) and return those with any organ
+    voxel. The labels are stored in ``stored`` (a resumed run reads them back instead of labeling again)."""
+    names = [v.name for v in volumes]
+    if stored is not None and stored.is_file():
+        with np.load(stored) as data:
+            if list(data["names"]) == names:
+                labels = [data[f"volume_{i}"] for i in range(len(volumes))]
+            else:
+                labels = None
+    else:
+        labels = None
+    if labels is None:
+        labels = []
+        for i, volume in enumerate(volumes):
+            report(None, f"self-training: labeling unlabeled volume {i + 1}/{len(volumes)}")
+            labels.append(_self_labels(network, volume, cfg, device, autocast))
+        if stored is not None:
+            from DiffusionSegLib.checkpoint import atomic_write
+
+            stored.parent.mkdir(parents=True, exist_ok=True)
+            arrays = {f"volume_{i}": a for i, a in enumerate(labels)}
+            def write(tmp: str) -> None:
+                with open(tmp, "wb") as handle:
+                    np.savez_compressed(handle, names=np.asarray(names), **arrays)
+
+            atomic_write(stored, write)
+    kept = []
+    for volume, classes in zip(volumes, labels, strict=True):
+        volume.classes = classes
+        volume.__dict__.pop("present", None)  # the cached property of the placeholder classes
+        if volume.present - {0}:
+            kept.append(volume)
+        else:
+            log.warning("%s: no organ voxel predicted confidently; not used", volume.name)
+    from DiffusionSegLib.probe.sampling import IGNORE
+
+    log.info("self-training: %d unlabeled volumes labeled by the network (%.0f %% of their voxels confident)",
+             len(kept), 100.0 * np.mean([float((v.classes != IGNORE).mean()) for v in volumes]))  # fmt: skip
+    return kept
+
+
+def _pseudo_labeled_volumes(images, names, atlases, trainable, feature_cfg, cfg: FinetuneConfig, bpr, device,
+                            progress, report, stop, cache_dir) -> tuple[list, float]:  # fmt: skip
+    """The unlabeled scans prepared and labeled by registration of the labeled ``atlases`` (fused by agreement),
+    and the seconds it took (a cached registration counts the seconds it took when computed). Volumes where no
+    voxel got a label are dropped."""
+    from DiffusionSegLib.cohort.pseudo_labels import PropagationCache, fuse_by_agreement, propagate, volume_scan
+    from DiffusionSegLib.cohort.registration import RegistrationConfig, require_ants
+    from DiffusionSegLib.probe.sampling import IGNORE
+
+    require_ants()
+    started = time.perf_counter()
+
+    def scan_of(volume):
+        return volume_scan(volume, cfg.registration_bpr_start)
+
+    volumes = _unlabeled_volumes(images, names, trainable, feature_cfg, bpr, device, report, stop)
     prepared_s = time.perf_counter() - started
     registration = RegistrationConfig(transform=cfg.registration, bpr_start=cfg.registration_bpr_start, seed=cfg.seed)
     results = propagate([scan_of(v) for v in volumes], [(scan_of(a), a.classes) for a in atlases], registration,
@@ -283,7 +356,9 @@ def finetune(cases: Sequence[tuple[sitk.Image, sitk.Image]], labels: Sequence[Or
     With ``unlabeled`` scans, every labeled scan is registered to every unlabeled one (ANTs, started from the BPR
     coordinates; :mod:`DiffusionSegLib.cohort`) and the warped labels, kept where all labeled scans agree, train
     the network beside the true labels (``cfg.unlabeled_share`` of each batch; disagreeing voxels are left out of
-    the loss). The budget in minutes then includes the unlabeled scans' preparation and registration.
+    the loss). With ``cfg.pseudo_labels == "self-training"`` there is no registration: after
+    ``cfg.self_training_start`` of the run the network labels the unlabeled scans itself, confident voxels only.
+    The budget in minutes includes the unlabeled scans' preparation, registration and labeling.
 
     Args:
         cases: ``(ct, label map)`` pairs, each label map on its CT's grid with the ids of ``labels``.
@@ -360,8 +435,14 @@ def finetune(cases: Sequence[tuple[sitk.Image, sitk.Image]], labels: Sequence[Or
                  len(volumes))  # fmt: skip
     _check_labels(labels, [v.present for v in train_volumes])
     timings["prepare"] = time.perf_counter() - clock
-    pseudo_volumes, cohort_seconds = [], 0.0
-    if len(unlabeled):
+    pseudo_volumes, cohort_seconds, awaiting_labels = [], 0.0, []
+    self_training = bool(len(unlabeled)) and cfg.pseudo_labels == "self-training"
+    if self_training:  # labeled later, by the network itself
+        awaiting_labels = _unlabeled_volumes(unlabeled, cohort_names, trainable, feature_cfg, bpr_module, device,
+                                             report, stop)  # fmt: skip
+        cohort_seconds = time.perf_counter() - clock - timings["prepare"]
+        timings["cohort"] = cohort_seconds
+    elif len(unlabeled):
         pseudo_volumes, cohort_seconds = _pseudo_labeled_volumes(
             unlabeled, cohort_names, train_volumes, trainable, feature_cfg, cfg, bpr_module, device, progress, report,
             stop, registration_cache if registration_cache is not None else (
@@ -375,7 +456,8 @@ def finetune(cases: Sequence[tuple[sitk.Image, sitk.Image]], labels: Sequence[Or
     optimiser = torch.optim.AdamW(_parameter_groups(network, cfg), lr=cfg.lr, weight_decay=cfg.weight_decay)
     average = _weight_average(network, cfg)
     evaluated = average.module if average is not None else network  # what is validated, kept and written
-    loss_fn = DiceCELoss(to_onehot_y=True, softmax=True, batch=True) if not pseudo_volumes else MaskedDiceCELoss()
+    loss_fn = (DiceCELoss(to_onehot_y=True, softmax=True, batch=True) if not (pseudo_volumes or awaiting_labels)
+               else MaskedDiceCELoss())  # fmt: skip
     autocast = autocast_context(cfg.precision, device)  # resolved once, re-entered every step
     augment = PatchAugment(cfg, trainable.pretrain.data.window_hu, len(labels) + 1)
     rng = np.random.default_rng(cfg.seed)
@@ -409,11 +491,24 @@ def finetune(cases: Sequence[tuple[sitk.Image, sitk.Image]], labels: Sequence[Or
             return elapsed >= budget_s or bool(cfg.steps and step >= cfg.steps)
         return step >= planned
 
+    def share_done() -> float:
+        shares = [elapsed / budget_s] if budget_s else []
+        if cfg.steps:
+            shares.append(step / cfg.steps)
+        return max(shares) if shares else step / max(planned, 1)
+
     while not finished():
         if stop():
             cancelled = True
             break
         started = time.perf_counter()
+        if awaiting_labels and share_done() >= cfg.self_training_start:
+            pseudo_volumes = _label_by_self_training(
+                evaluated, awaiting_labels, cfg, device, autocast,
+                Path(run_dir) / SELF_TRAINING_LABELS if run_dir is not None else None,
+                lambda fraction, message: report(0.05 + 0.95 * share_done(), message))  # fmt: skip
+            awaiting_labels = []
+            timings["self_labels"] = time.perf_counter() - started
         peak_share = learning_rate_at(step + 1, planned, cfg, elapsed / budget_s if budget_s else None)
         for group in optimiser.param_groups:
             group["lr"] = peak_share * group.get("lr_scale", 1.0)  # snapshots from before the groups: 1

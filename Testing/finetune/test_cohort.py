@@ -191,3 +191,41 @@ def test_finetune_command_learns_from_the_unlabeled_scans_of_a_folder(ants, back
     record = read_probe_config(model)["finetune"]
     assert record["cases"] == [ct] + [f"unlabeled: {cohort / f'btcv_{c}_ct.nii.gz'}" for c in ("0002", "0003")]
     assert len(list((tmp_path / "run" / "registrations").glob("*.npz"))) == 2
+
+
+def test_self_training_labels_the_unlabeled_scans_itself_without_registration_and_resumes(backbone, tmp_path,
+                                                                                          monkeypatch):  # fmt: skip
+    import DiffusionSegLib.cohort.pseudo_labels as pseudo
+    from DiffusionSegLib.finetune import train
+    from DiffusionSegLib.finetune.train import SELF_TRAINING_LABELS
+
+    def no_registration(*args, **kwargs):
+        raise AssertionError("self-training registered a scan")
+
+    monkeypatch.setattr(pseudo, "register_labels", no_registration)
+    labeled = [btcv("0001")]
+    unlabeled = [btcv("0002", labels=False), btcv("0003", labels=False)]
+    labelings, real = [], train._self_labels
+    monkeypatch.setattr(train, "_self_labels", lambda *a, **k: labelings.append(1) or real(*a, **k))
+    cfg = FinetuneConfig(**TINY, steps=8, pseudo_labels="self-training", self_training_start=0.5,
+                         pseudo_confidence=0.5)  # fmt: skip
+    run = tmp_path / "run"
+    steps = []
+    first = finetune(labeled, ORGANS, backbone, tmp_path / "m.safetensors", cfg, run_dir=run, progress=False,
+                     unlabeled=unlabeled, progress_callback=lambda f, m: m.startswith("fine-tuning step") and steps.append(m),
+                     should_stop=lambda: len(steps) >= 3)  # fmt: skip
+    assert first.cancelled and first.steps == 3 and not labelings  # labeled scans alone for the first half
+    steps.clear()
+    second = finetune(labeled, ORGANS, backbone, tmp_path / "m.safetensors", cfg, run_dir=run, progress=False,
+                      unlabeled=unlabeled, progress_callback=lambda f, m: m.startswith("fine-tuning step") and steps.append(m),
+                      should_stop=lambda: len(steps) >= 3)  # fmt: skip
+    assert second.cancelled and second.steps == 6 and len(labelings) == 2  # both scans labeled at step 4
+    with np.load(run / SELF_TRAINING_LABELS) as stored:
+        labels = [stored["volume_0"], stored["volume_1"]]
+    for classes in labels:  # confident voxels keep a class; the others are left out of the loss
+        assert (classes == IGNORE).any() and (classes != IGNORE).any()
+        assert set(np.unique(classes)) <= {0, 1, 2, 3, 4, IGNORE}
+    resumed = finetune(labeled, ORGANS, backbone, tmp_path / "m.safetensors", cfg, run_dir=run, progress=False,
+                       unlabeled=unlabeled)  # fmt: skip
+    assert not resumed.cancelled and resumed.steps == 8 and len(labelings) == 2  # the stored labels were reused
+    assert read_probe_config(tmp_path / "m.safetensors")["finetune"]["finetune"]["pseudo_labels"] == "self-training"
