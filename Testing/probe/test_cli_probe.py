@@ -10,11 +10,14 @@ from DiffusionSegLib.cli import main
 from DiffusionSegLib.probe import read_probe_config, read_seg_nrrd
 
 
+def ircadb_case() -> tuple[str, str, str]:
+    """The 3D-IRCADb 1.01 CT, its organ masks and their legend (paths)."""
+    return tuple(str(data_path(f"labeled/ircadb1.01_{name}")) for name in ("ct.nii.gz", "organs.nii.gz", "legend.json"))
+
+
 def test_train_probe_then_segment(tmp_path, capsys):
     backbone = make_backbone(tmp_path / "backbone.safetensors")
-    ct = str(data_path("labeled/ircadb1.01_ct.nii.gz"))
-    organs = str(data_path("labeled/ircadb1.01_organs.nii.gz"))
-    legend = str(data_path("labeled/ircadb1.01_legend.json"))
+    ct, organs, legend = ircadb_case()
     probe = tmp_path / "probe.safetensors"
     status = main(["train-probe", "--backbone", str(backbone.path), "--case", ct, organs, "--labels-legend", legend,
                    "--organs", "liver,spleen", "--head", "linear", "--steps", "10", "--patch", "16", "32", "32",
@@ -56,9 +59,7 @@ def test_unknown_organ_is_one_line_error(tmp_path, capsys):
 
 def test_quick_recipe_trains_the_context_head_reading_the_input_and_options_override_it(tmp_path):
     backbone = make_backbone(tmp_path / "backbone.safetensors")
-    ct = str(data_path("labeled/ircadb1.01_ct.nii.gz"))
-    organs = str(data_path("labeled/ircadb1.01_organs.nii.gz"))
-    legend = str(data_path("labeled/ircadb1.01_legend.json"))
+    ct, organs, legend = ircadb_case()
     probe = tmp_path / "quick.safetensors"
     status = main(["train-probe", "--quick", "--steps", "10", "--backbone", str(backbone.path), "--case", ct, organs,
                    "--labels-legend", legend, "--organs", "liver", "--patch", "16", "32", "32",
@@ -76,9 +77,7 @@ def test_one_patch_per_volume_trains(tmp_path):
     """``--patches-per-volume 1`` with one case: the held-out share of one patch used to take the only patch,
     leaving nothing to train on (torch.cat of an empty list); the patch now trains and validates."""
     backbone = make_backbone(tmp_path / "backbone.safetensors")
-    ct = str(data_path("labeled/ircadb1.01_ct.nii.gz"))
-    organs = str(data_path("labeled/ircadb1.01_organs.nii.gz"))
-    legend = str(data_path("labeled/ircadb1.01_legend.json"))
+    ct, organs, legend = ircadb_case()
     probe = tmp_path / "probe.safetensors"
     status = main(["train-probe", "--backbone", str(backbone.path), "--case", ct, organs, "--labels-legend", legend,
                    "--organs", "liver", "--head", "linear", "--steps", "2", "--patch", "16", "32", "32",
