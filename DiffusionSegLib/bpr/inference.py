@@ -101,11 +101,29 @@ def _is_axis_aligned(image: sitk.Image) -> bool:
     return np.allclose(image.GetDirection(), np.eye(3).ravel(), atol=1e-6)
 
 
+def isotonic_increasing(values: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """The non-decreasing sequence closest to ``values`` in weighted least squares (pool adjacent violators), as
+    ``scipy.optimize.isotonic_regression`` gives it; here because importing ``scipy.optimize`` costs 0.3 s of the
+    command line's start for a regression of one value per slice."""
+    means: list[float] = []
+    totals: list[float] = []
+    counts: list[int] = []
+    for value, weight in zip(np.asarray(values, np.float64), np.asarray(weights, np.float64), strict=True):
+        means.append(float(value))
+        totals.append(float(weight))
+        counts.append(1)
+        while len(means) > 1 and means[-2] > means[-1]:
+            mean, total, count = means.pop(), totals.pop(), counts.pop()
+            merged = totals[-1] + total
+            means[-1] = (means[-1] * totals[-1] + mean * total) / merged
+            totals[-1] = merged
+            counts[-1] += count
+    return np.repeat(np.asarray(means), counts)
+
+
 def _monotone_slices(coordinates: torch.Tensor, hu: torch.Tensor, spacing_mm) -> torch.Tensor:
     """Per working slice one offset (coordinates − position, averaged over the slice's body voxels), the slices'
     cranio-caudal coordinates made non-decreasing along z by isotonic regression (weighted by body voxels)."""
-    from scipy.optimize import isotonic_regression
-
     position = _positions_mm(coordinates.shape[-3:], spacing_mm)
     body = (hu[0, 0] > BODY_HU).double()
     weight = body.sum(dim=(1, 2))  # (D,)
@@ -113,7 +131,7 @@ def _monotone_slices(coordinates: torch.Tensor, hu: torch.Tensor, spacing_mm) ->
     mask = torch.where(empty[:, None, None], torch.ones_like(body), body)  # a slice without body: all its voxels
     offset = ((coordinates[0].double() - position) * mask).sum(dim=(2, 3)) / mask.sum(dim=(1, 2))  # (3, D)
     z = position[2, :, 0, 0].double() + offset[2]
-    fitted = isotonic_regression(z.numpy(), weights=weight.clamp(min=1e-3).numpy()).x  # empty slices: ~no weight
+    fitted = isotonic_increasing(z.numpy(), weight.clamp(min=1e-3).numpy())  # empty slices: ~no weight
     offset[2] = torch.from_numpy(fitted) - position[2, :, 0, 0].double()
     return (position + offset.float()[:, :, None, None])[None]
 
@@ -225,7 +243,7 @@ def _network_map(hu: torch.Tensor, model: AnyBPR, overlap: float, sw_batch_size:
                  progress: bool, channels_last: bool = True) -> torch.Tensor:  # fmt: skip
     """The network's dense map ``(1, 3, D, H, W)`` of a ``(1, 1, D, H, W)`` HU volume on the BPR's grid: per-slice
     offsets (slice design) or Gaussian-blended sliding windows (patch design), before ``_aggregate``."""
-    from monai.inferers import sliding_window_inference
+    from DiffusionSegLib.windows import sliding_window_inference
 
     cfg = model.config
     if isinstance(model, SliceBodyPartRegressor):
@@ -236,9 +254,9 @@ def _network_map(hu: torch.Tensor, model: AnyBPR, overlap: float, sw_batch_size:
     if channels_last:  # oneDNN's layout for 3D convolutions (weights only: the results do not change)
         model.to(memory_format=torch.channels_last_3d)
     try:
-        result = sliding_window_inference(tensor, roi_size=cfg.patch_size_vox, sw_batch_size=sw_batch_size,
-                                          predictor=model, overlap=overlap, mode="gaussian", padding_mode="constant",
-                                          cval=0.0, sw_device=device, device="cpu", progress=progress)  # fmt: skip
+        result = sliding_window_inference(tensor, cfg.patch_size_vox, sw_batch_size, model, overlap=overlap,
+                                          mode="gaussian", cval=0.0, sw_device=device, device="cpu",
+                                          progress=progress)  # fmt: skip
     finally:
         model.train(was_training)
         if channels_last:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from DiffusionSegLib.features.extractor import (
+    CPU_WINDOWS_PER_PASS,
     PRECISIONS,
     FeatureConfig,
     FeatureExtractor,
@@ -23,6 +24,7 @@ from DiffusionSegLib.features.extractor import (
 )
 
 __all__ = [
+    "CPU_WINDOWS_PER_PASS",
     "PRECISIONS",
     "FeatureConfig",
     "FeatureExtractor",

@@ -6,9 +6,14 @@ network input of a window is ``cat(x_t, BPR coordinates)`` with ``x_t = sqrt(a_t
 the scaled image ``scale_hu(HU)`` itself and ignore ``t``.
 
 Determinism: the noise is drawn **once for the whole working volume** from ``noise_seed`` and travels to the
-windows as extra input channels of ``monai.inferers.sliding_window_inference``; the predictor splits them off
+windows as extra input channels of the sliding windows (:mod:`DiffusionSegLib.windows`, MONAI's
+``sliding_window_inference`` without importing MONAI); the predictor splits them off
 inside. A voxel's noise therefore depends on its position only, never on the window that covers it, so the
 features do not change with the window size or overlap beyond the convolutions' own border effects.
+
+Windows go two at a time through the backbone on a CPU (:data:`CPU_WINDOWS_PER_PASS`), and in eval mode the
+backbone runs as a copy with its batch norms and timestep modulation folded into the convolutions
+(:meth:`FeatureExtractor.inference_model`): the same features, about 15 % faster.
 
 Whole-volume features are too large to keep (hundreds of channels per voxel), so the consumer — a probe head —
 runs inside the predictor (:class:`PyramidPredictor`) and only its output is stitched, on the CPU.
@@ -50,6 +55,7 @@ __all__ = [
     "backbone_bpr_path",
     "bpr_coordinates",
     "window_size",
+    "CPU_WINDOWS_PER_PASS",
     "auto_sw_batch_size",
     "sliding_window_apply",
     "extract_features",
@@ -299,6 +305,22 @@ class FeatureExtractor(nn.Module):
         self.num_draws = cfg.num_noise_draws if self.diffusion else 1
         self.with_input = bool(cfg.with_input)
         self.model.to(memory_format=torch.channels_last_3d)  # weights only: the results do not change
+        self._folded: tuple[tuple, nn.Module] | None = None
+
+    def inference_model(self) -> nn.Module:
+        """The backbone to run: in eval mode, a copy with its batch norms and timestep modulation folded into the
+        convolutions (:meth:`~DiffusionSegLib.nets.UNet3d.folded_for_inference`; same features, ~15 % faster),
+        rebuilt whenever a weight or running statistic of the backbone changes (a fine-tuning step), its device
+        or dtype; in training mode the backbone itself."""
+        model = self.model
+        if model.training or not hasattr(model, "folded_for_inference"):
+            return model
+        tensors = [*model.parameters(), *model.buffers()]
+        key = (self.timestep, tuple((id(p), p._version, p.device, p.dtype) for p in tensors))
+        if self._folded is None or self._folded[0] != key:
+            self._folded = None  # release the old copy first
+            self._folded = (key, model.folded_for_inference(self.timestep if model.time_embed is not None else None))
+        return self._folded[1]
 
     def network_input(self, window: torch.Tensor, draw: int = 0) -> torch.Tensor:
         """(B, 1 + K + N, d, h, w) window → (B, 1 + K, d, h, w) backbone input for noise draw ``draw``."""
@@ -317,7 +339,7 @@ class FeatureExtractor(nn.Module):
         every level in channels_last_3d layout."""
         x = self.network_input(window, draw).contiguous(memory_format=torch.channels_last_3d)
         t = torch.full((x.shape[0],), self.timestep, device=x.device, dtype=torch.long)
-        pyramid = list(self.model(x, t).pyramid)
+        pyramid = list(self.inference_model()(x, t, prediction=False).pyramid)
         if self.with_input:
             clean = window[:, : 1 + self.num_coords].to(pyramid[0].dtype)
             pyramid[0] = torch.cat([pyramid[0], clean], dim=1)
@@ -367,6 +389,12 @@ class PyramidPredictor:
         return mean, torch.cat(votes, 1)
 
 
+CPU_WINDOWS_PER_PASS = 2
+"""Windows per forward pass on a CPU: 64^3 windows of the default backbone on 2 cores take 0.43 s each one at a
+time, 0.25 s two at a time and 0.36 s four at a time (AMD EPYC, float32): two keep the activations closest to
+the caches while giving the convolutions enough work."""
+
+
 def _available_bytes(device: torch.device) -> int:
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
@@ -386,13 +414,13 @@ def auto_sw_batch_size(feature_channels: Sequence[int], in_channels: int, window
     of the free CPU memory, or half of the free GPU memory, is used.
 
     Returns:
-        An integer in [1, cap] (cap: 4 on CPU, where batching gains little, 32 on GPU).
+        An integer in [1, cap] (cap: :data:`CPU_WINDOWS_PER_PASS` on CPU, 32 on GPU).
     """
     voxels = int(np.prod(window))
     per_voxel = in_channels + 8 * sum(c / 8**level for level, c in enumerate(feature_channels)) + 2 * out_channels
     per_window = 4 * voxels * per_voxel
     share = 0.5 if device.type == "cuda" else 0.25
-    cap = cap or (32 if device.type == "cuda" else 4)
+    cap = cap or (32 if device.type == "cuda" else CPU_WINDOWS_PER_PASS)
     return int(max(1, min(cap, _available_bytes(device) * share // max(per_window, 1))))
 
 
@@ -412,15 +440,14 @@ def sliding_window_apply(inputs: VolumeInputs, predictor: PyramidPredictor, back
     Returns:
         (1, C, D, H, W) float32 on the CPU, or a tuple of such maps when the predictor returns a tuple.
     """
-    from monai.inferers import sliding_window_inference
+    from DiffusionSegLib.windows import sliding_window_inference
 
     device = next(predictor.extractor.model.parameters()).device
     roi = window_size(backbone, cfg)
     batch = cfg.sw_batch_size or auto_sw_batch_size(backbone.feature_channels, inputs.tensor.shape[1], roi, device,
                                                      out_channels)  # fmt: skip
-    return sliding_window_inference(inputs.tensor, roi_size=roi, sw_batch_size=batch, predictor=predictor,
-                                    overlap=cfg.overlap, mode=cfg.blend, padding_mode="constant", cval=0.0,
-                                    sw_device=device, device="cpu", progress=progress)  # fmt: skip
+    return sliding_window_inference(inputs.tensor, roi, batch, predictor, overlap=cfg.overlap, mode=cfg.blend,
+                                    cval=0.0, sw_device=device, device="cpu", progress=progress)  # fmt: skip
 
 
 def extract_features(image: sitk.Image | Any, backbone: BackboneBundle, cfg: FeatureConfig | None = None, *,

@@ -78,7 +78,8 @@ class SegmentationNetwork(nn.Module):
     def forward(self, window: torch.Tensor) -> torch.Tensor:
         x = self.extractor.network_input(window).contiguous(memory_format=torch.channels_last_3d)
         t = torch.full((x.shape[0],), self.timestep, device=x.device, dtype=torch.long)
-        return self.head(self.extractor.model(x, t).pyramid)
+        backbone = self.extractor.inference_model()  # in eval mode (validation, labeling) the folded copy
+        return self.head(backbone(x, t, prediction=False).pyramid)
 
 
 @dataclass
@@ -167,16 +168,17 @@ def _dice_per_class(prediction: np.ndarray, reference: np.ndarray, num_classes: 
 def _predict_logits(network: SegmentationNetwork, volume, cfg: FinetuneConfig, device: torch.device,
                     autocast) -> torch.Tensor:  # fmt: skip
     """Class logits ``(C, D, H, W)`` of a whole prepared volume (sliding window, on the CPU)."""
-    from monai.inferers import sliding_window_inference
+    from DiffusionSegLib.features.extractor import CPU_WINDOWS_PER_PASS
+    from DiffusionSegLib.windows import sliding_window_inference
 
     inputs = volume.inputs.tensor
     if volume.inputs.num_coords and not cfg.use_coordinates:
         inputs = inputs.clone()
         inputs[:, 1 : 1 + volume.inputs.num_coords] = 0.0
     with autocast:
-        logits = sliding_window_inference(inputs, roi_size=cfg.patch_size_vox, sw_batch_size=1,
-                                          predictor=network, overlap=cfg.overlap, mode="gaussian",
-                                          sw_device=device, device="cpu")  # fmt: skip
+        logits = sliding_window_inference(inputs, cfg.patch_size_vox, CPU_WINDOWS_PER_PASS, network,
+                                          overlap=cfg.overlap, mode="gaussian", sw_device=device,
+                                          device="cpu")  # fmt: skip
     return logits[0].float()
 
 

@@ -27,6 +27,7 @@ eval mode also keeps a voxel's features independent of the window it is computed
 
 from __future__ import annotations
 
+import copy
 from dataclasses import asdict, dataclass
 
 import torch
@@ -101,11 +102,12 @@ class UNet3dOutput:
     """What :meth:`UNet3d.forward` returns.
 
     Attributes:
-        prediction: (B, out_channels, D, H, W) the denoising (or restoration) prediction.
+        prediction: (B, out_channels, D, H, W) the denoising (or restoration) prediction; None when the forward
+            pass was asked for the pyramid only.
         pyramid: decoder features, finest first; level ``l`` has shape (B, C_l, D/2^l, H/2^l, W/2^l).
     """
 
-    prediction: torch.Tensor
+    prediction: torch.Tensor | None
     pyramid: list[torch.Tensor]
 
 
@@ -207,13 +209,16 @@ class UNet3d(nn.Module):
             raise ValueError(f"t must be a scalar or have shape ({batch},), got {tuple(t.shape)}")
         return self.time_embed(t)
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor | float | None = None) -> UNet3dOutput:
+    def forward(self, x: torch.Tensor, t: torch.Tensor | float | None = None, *,
+                prediction: bool = True) -> UNet3dOutput:  # fmt: skip
         """Predict from a (noisy) patch and return the feature pyramid.
 
         Args:
             x: (B, in_channels, D, H, W), each spatial size divisible by 2^(num_scales - 1).
             t: (B,) or scalar timesteps (scheduler indices 0..T-1). Required when ``time_conditioning`` is on,
                 ignored when it is off.
+            prediction: also compute the prediction head (a full-resolution norm and 3x3x3 conv, about 5 % of a
+                forward pass); features and fine-tuning read only the pyramid.
 
         Returns:
             :class:`UNet3dOutput` with ``prediction`` (B, out_channels, D, H, W) and ``pyramid``, a list of
@@ -238,4 +243,28 @@ class UNet3d(nn.Module):
             h = self.decoder[level](up + self.lateral[level](skips[level]), emb)
             pyramid.append(h)
         pyramid.reverse()
-        return UNet3dOutput(prediction=self.out(pyramid[0]), pyramid=pyramid)
+        return UNet3dOutput(prediction=self.out(pyramid[0]) if prediction else None, pyramid=pyramid)
+
+    @torch.no_grad()
+    def folded_for_inference(self, t: int | None = None) -> UNet3d:
+        """A copy for inference at timestep ``t``: every residual block's second batch norm and timestep scale and
+        shift folded into its first convolution (:meth:`ResBlock3d.fold_`). Same pyramid up to float rounding
+        (relative 1e-6), about 15 % faster on a CPU. Eval mode only (batch norm's running statistics); blocks with
+        other norms are copied unchanged.
+
+        Raises:
+            ValueError: in training mode, or without ``t`` for a timestep-conditioned backbone.
+        """
+        if self.training:
+            raise ValueError("folding uses batch norm's running statistics; call eval() first")
+        folded = copy.deepcopy(self)
+        emb = None
+        if self.time_embed is not None:
+            if t is None:
+                raise ValueError("this backbone is timestep-conditioned (time_conditioning=True); pass t")
+            device = next(self.parameters()).device
+            emb = self.time_embed(torch.tensor([int(t)], device=device))
+        for block in folded.modules():
+            if isinstance(block, ResBlock3d):
+                block.fold_(emb)
+        return folded.requires_grad_(False)

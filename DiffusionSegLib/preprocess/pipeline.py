@@ -88,8 +88,8 @@ class PreparedVolume:
         return sitk.GetArrayViewFromImage(self.image)
 
 
-def prepare_volume(image: sitk.Image, config: PreprocessConfig | None = None, *,
-                   reference_path: bool = False) -> PreparedVolume:  # fmt: skip
+def prepare_volume(image: sitk.Image, config: PreprocessConfig | None = None, *, reference_path: bool = False,
+                   like: PreparedVolume | None = None) -> PreparedVolume:  # fmt: skip
     """Orient, crop to the body and resample a CT to the working grid.
 
     An input whose axes are LPS's up to order and sign (any non-oblique scan) is read once, as it is: the
@@ -103,6 +103,8 @@ def prepare_volume(image: sitk.Image, config: PreprocessConfig | None = None, *,
         reference_path: the straightforward way, kept for checks: cast to float32, reorient
             (``DICOMOrient``), crop, smooth the body box (``SmoothingRecursiveGaussian``), ``sitk.Resample``;
             the default gives the same grid and crop box and the same values to float rounding (1e-3 HU).
+        like: another preparation of the same image (e.g. the backbone's, for a BPR of another spacing): its
+            body box is reused when the crop settings agree, and the image is not checked again.
 
     Returns:
         The prepared volume; ``to_input_grid`` maps results back.
@@ -111,10 +113,14 @@ def prepare_volume(image: sitk.Image, config: PreprocessConfig | None = None, *,
         UserInputError: the image is not a usable 3D CT (see :func:`check_ct`).
     """
     config = config or PreprocessConfig()
-    if config.check_input_is_ct:
+    box = None
+    if like is not None and (like.config.crop_to_body, like.config.body_threshold_hu, like.config.body_margin_mm) \
+            == (config.crop_to_body, config.body_threshold_hu, config.body_margin_mm):  # fmt: skip
+        box = like.crop_box
+    if config.check_input_is_ct and like is None:
         check_ct(image)
     if not reference_path:
-        prepared = _prepare_in_one_pass(image, config)
+        prepared = _prepare_in_one_pass(image, config, box)
         if prepared is not None:
             return prepared
     oriented = to_axis_aligned(to_canonical_orientation(sitk.Cast(image, sitk.sitkFloat32)))
@@ -150,8 +156,10 @@ class _Grid:
         return self.direction
 
 
-def _prepare_in_one_pass(image: sitk.Image, config: PreprocessConfig) -> PreparedVolume | None:
-    """:func:`prepare_volume` of a non-oblique input from a view of its voxels; None for an oblique input."""
+def _prepare_in_one_pass(image: sitk.Image, config: PreprocessConfig,
+                         box: tuple | None = None) -> PreparedVolume | None:  # fmt: skip
+    """:func:`prepare_volume` of a non-oblique input from a view of its voxels (``box``: the body box, when
+    known); None for an oblique input."""
     direction = np.asarray(image.GetDirection(), dtype=np.float64).reshape(3, 3)
     signs = np.rint(direction)
     if not np.allclose(direction, signs, atol=1e-6) or not np.array_equal(np.abs(signs).sum(0), np.ones(3)) \
@@ -169,7 +177,7 @@ def _prepare_in_one_pass(image: sitk.Image, config: PreprocessConfig) -> Prepare
     view = sitk.GetArrayViewFromImage(image).transpose([2 - source[2 - k] for k in range(3)])
     view = view[tuple(slice(None, None, -1 if flipped[2 - k] else 1) for k in range(3))]
     if config.crop_to_body:
-        box = body_box_of_array(view, oriented.spacing, config.body_threshold_hu, config.body_margin_mm)
+        box = box or body_box_of_array(view, oriented.spacing, config.body_threshold_hu, config.body_margin_mm)
         if box is None:
             return None
         start, box_size = box

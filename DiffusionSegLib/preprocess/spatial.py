@@ -8,11 +8,15 @@ on any derived grid goes back to the input grid by resampling onto the input's g
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 import SimpleITK as sitk
 
 from DiffusionSegLib.errors import UserInputError
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = [
     "CANONICAL_ORIENTATION",
@@ -273,12 +277,32 @@ def separable_samples(array: np.ndarray, grid, target: sitk.Image, sigmas: Seque
     nz, ny, nx = array.shape
     rows_yx = torch.empty((nz, my.shape[0], mx.shape[0]), dtype=torch.float32)
     step = max(1, _SLAB_VOXELS // (ny * nx))
+    bands_x, bands_y = _bands(mx), _bands(my)
     for z0 in range(0, nz, step):
         slab = torch.from_numpy(np.array(array[z0 : z0 + step], dtype=np.float32))  # (a writable copy)
-        rows_yx[z0 : z0 + step] = torch.matmul(my, torch.matmul(slab, mx.T))
+        along_x = torch.empty((slab.shape[0], ny, mx.shape[0]), dtype=torch.float32)
+        for rows, cols in bands_x:  # x: (.., ny, nx) -> (.., ny, tx)
+            torch.matmul(slab[..., cols], mx[rows, cols].T, out=along_x[..., rows])
+        for rows, cols in bands_y:  # y: (.., ny, tx) -> (.., ty, tx)
+            torch.matmul(my[rows, cols], along_x[:, cols], out=rows_yx[z0 : z0 + step, rows])
     values = torch.matmul(mz, rows_yx.reshape(nz, -1)).reshape(mz.shape[0], my.shape[0], mx.shape[0]).numpy()
     inside = maps[0].inside[:, None, None] & maps[1].inside[None, :, None] & maps[2].inside[None, None, :]
     return np.where(inside, values, np.float32(default_value))
+
+
+def _bands(matrix: torch.Tensor, rows_per_band: int = 16) -> list[tuple[slice, slice]]:
+    """Blocks of ``rows_per_band`` rows of a resampling matrix with the range of columns their weights span: a
+    target sample reads a few voxels around its position, so multiplying block by block skips the zeros (a 0.7 mm
+    axis sampled at 1.5 mm: 1/20 of the dense product). Weights below 1e-7 of a row's largest are zero for this
+    purpose (the recursive Gaussian's tails); the products agree with the dense one to float rounding."""
+    weights = matrix.abs()
+    significant = weights > 1e-7 * weights.amax(1, keepdim=True)
+    bands = []
+    for start in range(0, matrix.shape[0], rows_per_band):
+        block = significant[start : start + rows_per_band].any(0).nonzero()
+        first, last = (int(block[0]), int(block[-1]) + 1) if block.numel() else (0, 1)
+        bands.append((slice(start, start + rows_per_band), slice(first, last)))
+    return bands
 
 
 def _gaussian_matrix(n: int, spacing_mm: float, sigma_mm: float) -> np.ndarray:

@@ -78,13 +78,14 @@ class BodyAxis:
         z.CopyInformation(prepared.image)
         return sitk.GetArrayFromImage(to_input_grid(z, prepared, "linear", 0.0))
 
-    def slab_map(self, image: sitk.Image) -> SlabZ | np.ndarray:
+    def slab_map(self, image: sitk.Image, like=None) -> SlabZ | np.ndarray:
         """The body-axis coordinate on ``image``'s grid as :meth:`z_map`, held as a :class:`SlabZ` (one value per
-        slice) where the map allows it, else the full array."""
+        slice) where the map allows it, else the full array. ``like``: a ``PreparedVolume`` of the same image
+        (its body box is reused)."""
         from DiffusionSegLib.bpr import predict_working_coordinates
         from DiffusionSegLib.preprocess import PreprocessConfig, prepare_volume, to_input_grid
 
-        prepared = prepare_volume(image, PreprocessConfig(spacing_mm=self.model.config.spacing_mm))
+        prepared = prepare_volume(image, PreprocessConfig(spacing_mm=self.model.config.spacing_mm), like=like)
         working = np.ascontiguousarray(predict_working_coordinates(prepared.image, self.model)[0, 2].numpy(),
                                        dtype=np.float32)  # fmt: skip
         slab = _slab_z(working, prepared)

@@ -107,3 +107,18 @@ def test_batched_windows_and_fitted_lines_give_the_reference_coordinates(tiny_mo
         assert fast.shape == reference.shape == (1, 3, *reversed(working.GetSize()))
         torch.testing.assert_close(fast, reference, rtol=0, atol=1e-3)  # mm
     assert tiny_model.stem.conv1.weight.is_contiguous()  # the model is left in its own layout
+
+
+def test_isotonic_increasing_is_scipys_isotonic_regression():
+    from scipy.optimize import isotonic_regression
+
+    from DiffusionSegLib.bpr.inference import isotonic_increasing
+
+    rng = np.random.default_rng(0)
+    for size in (1, 2, 7, 120):
+        values = np.cumsum(rng.normal(0.5, 3.0, size))  # a noisy rise, with many violations
+        weights = rng.uniform(1e-3, 50.0, size)
+        expected = isotonic_regression(values, weights=weights).x
+        fitted = isotonic_increasing(values, weights)
+        np.testing.assert_allclose(fitted, expected, rtol=1e-12, atol=1e-9)
+        assert np.all(np.diff(fitted) >= 0)

@@ -69,6 +69,18 @@ def test_real_ct_passes_and_mr_is_refused():
         check_ct(mr)
 
 
+def test_neighbour_correlation_is_pearsons():
+    """The CT check's neighbour correlation (sums over views, no copies) is ``np.corrcoef`` of the voxel pairs."""
+    from DiffusionSegLib.data.volume import _neighbour_correlation
+
+    ct = sitk.GetArrayFromImage(read_volume(data_path("labeled/ircadb1.01_ct.nii.gz")))[::4, ::4].astype(np.float32)
+    noise = np.random.default_rng(0).normal(0.0, 300.0, (6, 20, 40)).astype(np.float32)
+    for rows in (ct, noise):
+        expected = np.corrcoef(rows[..., :-1].ravel(), rows[..., 1:].ravel())[0, 1]
+        assert abs(_neighbour_correlation(rows) - expected) < 1e-9
+    assert _neighbour_correlation(np.full((2, 3, 4), 7.0, np.float32)) == 1.0
+
+
 def test_label_map_on_another_grid_is_refused():
     ct = read_volume(data_path("labeled/ircadb1.01_ct.nii.gz"))
     labels = read_volume(data_path("labeled/ircadb1.01_organs.nii.gz"))

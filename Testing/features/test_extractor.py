@@ -11,6 +11,7 @@ from helpers import data_path
 from DiffusionSegLib.data.volume import read_volume
 from DiffusionSegLib.errors import UserInputError
 from DiffusionSegLib.features import (
+    CPU_WINDOWS_PER_PASS,
     FeatureConfig,
     FeatureExtractor,
     auto_sw_batch_size,
@@ -101,7 +102,7 @@ def test_config_checks():
 def test_auto_batch_size_is_bounded(backbone):
     small = auto_sw_batch_size(backbone.feature_channels, 1, (32, 64, 64), torch.device("cpu"))
     huge = auto_sw_batch_size([4096] * 3, 1, (512, 512, 512), torch.device("cpu"))
-    assert 1 <= small <= 4 and huge == 1
+    assert 1 <= small <= CPU_WINDOWS_PER_PASS and huge == 1
 
 
 def test_bpr_backbone_gets_coordinates(tmp_path, prepared):
@@ -141,3 +142,29 @@ def test_backbone_finds_its_bpr_by_hash_when_the_default_changes(tmp_path, monke
     (models / "bpr_old.safetensors").unlink()
     with pytest.raises(UserInputError, match=backbone.bpr_sha256[:12]):
         backbone_bpr_path(backbone)
+
+
+def test_extractor_runs_the_folded_backbone_and_follows_weight_updates(tmp_path):
+    """In eval mode the extractor runs a copy with the norms folded into the convolutions: the same pyramid as the
+    backbone itself, rebuilt when a weight changes in place (as a fine-tuning step changes it)."""
+    extractor = FeatureExtractor(make_backbone(tmp_path / "backbone.safetensors"), FeatureConfig(timestep=4))
+    model = extractor.model.eval()
+    window = torch.rand((2, 2, 32, 64, 64), generator=torch.Generator().manual_seed(0))
+
+    def unfolded() -> list[torch.Tensor]:
+        x = extractor.network_input(window)
+        with torch.no_grad():
+            return model(x, torch.full((2,), 4)).pyramid
+
+    first = extractor(window)
+    assert extractor.inference_model() is not model
+    for a, b in zip(first, unfolded(), strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    with torch.no_grad():
+        model.stem.weight.mul_(1.5)  # an in-place update, as an optimizer step makes
+    second = extractor(window)
+    assert float((second[0] - first[0]).abs().max()) > 1e-3
+    for a, b in zip(second, unfolded(), strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    model.train()
+    assert extractor.inference_model() is model  # training: batch statistics, nothing folded

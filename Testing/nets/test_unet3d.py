@@ -141,3 +141,52 @@ def test_rebuilt_from_its_config_dict_loads_the_weights():
     x = _input(2, (4, 4, 4))
     with torch.no_grad():
         torch.testing.assert_close(clone.eval()(x).prediction, net.eval()(x).prediction)
+
+
+def _with_running_statistics(net: UNet3d) -> UNet3d:
+    """A network whose batch norms hold non-trivial running statistics and affine parameters (as after training)."""
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for module in net.modules():
+            if isinstance(module, torch.nn.BatchNorm3d):
+                module.running_mean.copy_(torch.randn(module.num_features, generator=generator))
+                module.running_var.copy_(torch.rand(module.num_features, generator=generator) + 0.5)
+                module.weight.copy_(torch.randn(module.num_features, generator=generator))
+                module.bias.copy_(torch.randn(module.num_features, generator=generator))
+    return net.eval()
+
+
+@pytest.mark.parametrize("time_conditioning", [True, False])
+def test_folded_network_gives_the_same_pyramid_at_its_timestep(time_conditioning):
+    torch.manual_seed(0)
+    net = _with_running_statistics(UNet3d(in_channels=4, base_channels=6, num_scales=3, num_res_blocks=2,
+                                          time_conditioning=time_conditioning))  # fmt: skip
+    x = _input(4, (8, 16, 12))
+    with torch.no_grad():
+        reference = net(x, 5)
+        folded = net.folded_for_inference(5 if time_conditioning else None)
+        out = folded(x, 5, prediction=False)
+        other_step = net(x, 1)
+    assert out.prediction is None
+    for a, b in zip(out.pyramid, reference.pyramid, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    if time_conditioning:  # the timestep is folded in: another step's pyramid differs
+        assert (other_step.pyramid[0] - reference.pyramid[0]).abs().max() > 1e-3
+    norms = [m for m in folded.modules() if isinstance(m, torch.nn.BatchNorm3d)]
+    assert len(norms) < len([m for m in net.modules() if isinstance(m, torch.nn.BatchNorm3d)])
+    assert all(not p.requires_grad for p in folded.parameters())
+    assert any(p.requires_grad for p in net.parameters())  # the original is untouched
+
+
+def test_folding_refuses_training_mode_and_leaves_other_norms_alone():
+    net = UNet3d(in_channels=1, base_channels=4, num_scales=2, norm="group")
+    with pytest.raises(ValueError, match="eval"):
+        net.folded_for_inference(0)
+    x = _input(1, (4, 8, 8))
+    with torch.no_grad():
+        reference = net.eval()(x, 2)
+        folded = net.folded_for_inference(2)
+        out = folded(x, 2)
+    torch.testing.assert_close(out.prediction, reference.prediction)
+    assert sum(isinstance(m, torch.nn.GroupNorm) for m in folded.modules()) == \
+        sum(isinstance(m, torch.nn.GroupNorm) for m in net.modules())  # fmt: skip

@@ -50,3 +50,16 @@ def test_body_box_of_a_flipped_view_is_the_box_of_the_reoriented_image(ct):
     for threshold, margin in ((-100.0, 10.0), (200.0, 0.0)):
         expected = body_bounding_box(sitk.Cast(oriented, sitk.sitkFloat32), threshold, margin)
         assert body_box_of_array(view, oriented.GetSpacing(), threshold, margin) == expected
+
+
+def test_a_second_preparation_reuses_the_first_ones_body_box(ct):
+    """The field-of-view BPR prepares the CT a second time at its own spacing: with ``like`` the body box is taken
+    from the backbone's preparation instead of found again, and the result is the same."""
+    first = prepare_volume(ct, PreprocessConfig(spacing_mm=(3.0, 3.0, 3.0)))
+    second = PreprocessConfig(spacing_mm=(1.5, 1.5, 3.0))
+    alone, reusing = prepare_volume(ct, second), prepare_volume(ct, second, like=first)
+    assert reusing.crop_box == alone.crop_box == first.crop_box
+    assert reusing.image.GetSize() == alone.image.GetSize() and reusing.image.GetOrigin() == alone.image.GetOrigin()
+    np.testing.assert_array_equal(sitk.GetArrayViewFromImage(reusing.image), sitk.GetArrayViewFromImage(alone.image))
+    other_crop = PreprocessConfig(spacing_mm=(3.0, 3.0, 3.0), body_margin_mm=30.0)  # not the same box: found anew
+    assert prepare_volume(ct, other_crop, like=first).crop_box == prepare_volume(ct, other_crop).crop_box

@@ -42,3 +42,22 @@ def test_fast_path_gives_the_reference_labels(shipped):
     assert fast.field_of_view.outside == reference.field_of_view.outside
     assert fast.precision == "float32"
     assert {"prepare", "bpr", "features", "to_input_grid", "total"} <= fast.seconds.keys()
+
+
+def test_label_counts_and_extents_match_the_direct_computation():
+    """Voxel counts (specks) and the .seg.nrrd extents are computed slab by slab and within the labeled box: the
+    same as ``np.bincount`` and as each label's own bounds, on a real label map and with absent labels."""
+    from DiffusionSegLib.probe.segment import label_counts
+    from DiffusionSegLib.probe.segnrrd import segment_extents
+
+    labels = sitk.GetArrayFromImage(sitk.ReadImage(str(data_path("btcv/btcv_0004_labels.nii.gz")))).astype(np.uint8)
+    np.testing.assert_array_equal(label_counts(labels, 20), np.bincount(labels.ravel(), minlength=20))
+    values = [0, *range(1, 16)]  # 14 and 15 do not occur
+    for value, extent in segment_extents(labels, values).items():
+        mask = labels == value
+        if not mask.any():
+            assert extent == "0 -1 0 -1 0 -1"
+            continue
+        where = np.nonzero(mask)
+        expected = [(int(where[axis].min()), int(where[axis].max())) for axis in (2, 1, 0)]
+        assert extent == " ".join(f"{a} {b}" for a, b in expected), value
