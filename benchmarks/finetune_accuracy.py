@@ -182,6 +182,17 @@ def random_backbone(backbone, folder: Path, seed: int = 0):
     return load_backbone(path)
 
 
+def shown_organs(pairs) -> list:
+    """The BTCV organs that the training label maps show, as a user's legend would list them (btcv_0023, d0's
+    first scan, has no gallbladder: a 1-scan row cannot learn it)."""
+    import SimpleITK as sitk
+
+    present = set()
+    for _, labels in pairs:
+        present |= {int(v) for v in np.unique(sitk.GetArrayViewFromImage(labels))}
+    return [o for o in BTCV_LABELS if o.value in present]
+
+
 def train(row: dict, cases_by_id: dict, training: list[str], backbone, args) -> tuple[Path, dict]:
     from DiffusionSegLib.data.volume import read_volume
     from DiffusionSegLib.finetune import FinetuneConfig, finetune
@@ -231,7 +242,11 @@ def train(row: dict, cases_by_id: dict, training: list[str], backbone, args) -> 
         info = {"cases": cases, "steps": probe.history[-1]["step"], "best_step": probe.best_step,
                 "history": probe.history, "seconds": {"train": wall}, "wall_s": wall, "cancelled": False}  # fmt: skip
     else:
-        result = finetune(pairs, BTCV_LABELS, backbone, model, cfg, run_dir=folder / "snapshot", case_names=cases,
+        labels = shown_organs(pairs)
+        if len(labels) < len(BTCV_LABELS):
+            log.info("%s: %s not in the training scans: not learned (scored as Dice 0)", row["name"],
+                     ", ".join(o.name for o in BTCV_LABELS if o not in labels))  # fmt: skip
+        result = finetune(pairs, labels, backbone, model, cfg, run_dir=folder / "snapshot", case_names=cases,
                           progress=not args.quiet, unlabeled=read_unlabeled(cases_by_id, unlabeled),
                           unlabeled_names=unlabeled, registration_cache=REGISTRATIONS)  # fmt: skip
         info = {"cases": cases, "unlabeled": unlabeled, "steps": result.steps, "planned_steps": result.planned_steps,
