@@ -164,9 +164,9 @@ def write_markdown(results: dict, path: Path) -> None:
              "Command: `.venv/bin/python benchmarks/registration_anchor.py` (see its docstring).", "",
              "| row | atlases | fusion | s per test scan (2 CPU cores) | Big | Medium | Small | Mean (13) | "
              + " | ".join(short) + " |", "|---|---|---|---:|---:|---:|---:|---:|" + "---:|" * len(short)]  # fmt: skip
-    for name, r in results.items():
+    for name, r in sorted(results.items()):
         g = r["groups"]
-        lines.append(f"| {name} | {', '.join(c[-4:] for c in r['cases'])} | {r['fusion']} | {r['seconds_per_scan']:.0f} "
+        lines.append(f"| {name} | {', '.join(c[-4:] for c in r['cases'])} | {r['fusion'] if len(r['cases']) > 1 else '– (1 atlas)'} | {r['seconds_per_scan']:.0f} "
                      f"| {g['big']:.3f} | {g['medium']:.3f} | {g['small']:.3f} | {r['mean']:.3f} | "
                      + " | ".join(f"{r['per_organ'][o]:.3f}" for o in short) + " |")  # fmt: skip
     path.write_text("\n".join(lines) + "\n")
