@@ -30,7 +30,8 @@ from DiffusionSegLib.cohort.registration import (
     register_labels,
 )
 
-__all__ = ["PropagationCache", "fuse_by_agreement", "propagate", "propagation_key", "working_scan"]
+__all__ = ["PropagationCache", "fuse_by_agreement", "ignore_background_near_organs", "propagate", "propagation_key",
+           "working_scan"]
 
 
 def working_scan(image: sitk.Image, coordinates_mm: np.ndarray | None) -> WorkingScan:
@@ -141,3 +142,26 @@ def fuse_by_agreement(propagations: Sequence[Propagation], ignore: int) -> np.nd
     classes = np.stack([p.classes for p in propagations])
     agree = (classes == classes[0]).all(axis=0)
     return np.where(agree, classes[0], np.uint8(ignore)).astype(np.uint8)
+
+
+def ignore_background_near_organs(classes: np.ndarray, margin_mm: float, spacing_mm: Sequence[float],
+                                  ignore: int) -> np.ndarray:  # fmt: skip
+    """Pseudo-labels whose background is kept only farther than ``margin_mm`` from every voxel that is not
+    background (an organ, or ``ignore``: where atlases disagree or the network is unsure); nearer, ``ignore``.
+
+    Registration and self-training name an organ precisely but miss about half of its voxels and call them
+    background (organ recall 0.43-0.49 on the pool scans, README): those wrong background labels sit next to the
+    organs they miss, and without this band they teach the network that the organ's edge is background.
+
+    Args:
+        classes: (D, H, W) class indices with ``ignore`` where there is no label.
+        margin_mm: width of the band; 0 returns ``classes`` unchanged.
+        spacing_mm: voxel size along (D, H, W), in mm.
+        ignore: the ignored value.
+    """
+    if margin_mm <= 0:
+        return classes
+    from scipy import ndimage
+
+    distance = ndimage.distance_transform_edt(classes == 0, sampling=tuple(float(s) for s in spacing_mm))
+    return np.where((classes == 0) & (distance <= margin_mm), np.uint8(ignore), classes).astype(classes.dtype)

@@ -69,6 +69,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "labeled scans alone before self-training labels the unlabeled ones (default 0.5)")
     parser.add_argument("--pseudo-confidence", type=float, default=0.9, help="self-training keeps voxels predicted "
                         "with at least this probability (default 0.9)")  # fmt: skip
+    parser.add_argument("--pseudo-background-margin", type=float, default=0.0, metavar="MM", help="background "
+                        "pseudo-labels count only farther than this from every pseudo-labeled organ and unsure voxel "
+                        "(default 0: all count)")  # fmt: skip
     parser.add_argument("--registration", choices=("SyN", "SyNRA", "Affine"), default="SyN",
                         help="ANTs registration of labeled to unlabeled scans (default SyN)")
 
@@ -88,7 +91,8 @@ def run(args: argparse.Namespace) -> int:
                "precision": args.precision, "backbone_lr_scale": args.backbone_lr_scale,
                "ema_decay": args.ema_decay, "unlabeled_share": args.unlabeled_share,
                "registration": args.registration, "pseudo_labels": args.pseudo_labels,
-               "self_training_start": args.self_training_start, "pseudo_confidence": args.pseudo_confidence}  # fmt: skip
+               "self_training_start": args.self_training_start, "pseudo_confidence": args.pseudo_confidence,
+               "pseudo_background_margin_mm": args.pseudo_background_margin}  # fmt: skip
     if args.spacing:
         options["spacing_mm"] = tuple(args.spacing)
     if args.patch:

@@ -98,6 +98,11 @@ class FinetuneConfig:
     pseudo_confidence: float = 0.9
     """Self-training keeps a voxel's predicted class where its softmax probability is at least this; the rest is
     left out of the loss."""
+    pseudo_background_margin_mm: float = 0.0
+    """Background pseudo-labels are kept only farther than this from every pseudo-labeled organ voxel and every
+    unsure voxel (registration: where the atlases disagree; self-training: below ``pseudo_confidence``); nearer,
+    they are left out of the loss (:func:`~DiffusionSegLib.cohort.pseudo_labels.ignore_background_near_organs`).
+    0: every background pseudo-label counts."""
     registration: str = "SyN"
     """How labeled scans are registered to the unlabeled ones (ANTs ``type_of_transform``: ``"SyN"``,
     ``"SyNRA"``, ``"Affine"``)."""
@@ -167,6 +172,8 @@ class FinetuneConfig:
         if not 0 < self.self_training_start < 1 or not 0 < self.pseudo_confidence <= 1:
             raise ValueError(f"self_training_start {self.self_training_start} must lie in (0, 1) and pseudo_confidence "
                              f"{self.pseudo_confidence} in (0, 1]")  # fmt: skip
+        if self.pseudo_background_margin_mm < 0:
+            raise ValueError(f"pseudo_background_margin_mm {self.pseudo_background_margin_mm} must not be negative")
         if self.registration not in REGISTRATIONS:
             raise ValueError(f"registration {self.registration!r} is unknown; expected one of {list(REGISTRATIONS)}")
         if not 0 <= self.ema_decay < 1 or self.backbone_lr_scale <= 0:
@@ -179,7 +186,8 @@ class FinetuneConfig:
         # fields added after runs were recorded: left out at their defaults so the recorded runs' keys still match
         return config_to_dict(self, omit_at_default=("backbone_lr_scale", "ema_decay", "unlabeled_share",
                                                      "registration", "registration_bpr_start", "pseudo_labels",
-                                                     "self_training_start", "pseudo_confidence"))  # fmt: skip
+                                                     "self_training_start", "pseudo_confidence",
+                                                     "pseudo_background_margin_mm"))  # fmt: skip
 
     @classmethod
     def from_dict(cls, data: dict) -> FinetuneConfig:

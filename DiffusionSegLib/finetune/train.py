@@ -252,6 +252,16 @@ def _batch_sources(labeled: list, pseudo: list, cfg: FinetuneConfig) -> list[lis
     return [labeled] * (cfg.batch_size - from_pseudo) + [pseudo] * from_pseudo
 
 
+def _background_margin(volume, classes: np.ndarray, cfg: FinetuneConfig) -> np.ndarray:
+    """``classes`` (pseudo-labels of ``volume``) with background near organs and unsure voxels ignored
+    (``cfg.pseudo_background_margin_mm``)."""
+    from DiffusionSegLib.cohort.pseudo_labels import ignore_background_near_organs
+    from DiffusionSegLib.probe.sampling import IGNORE
+
+    spacing_zyx = volume.working.GetSpacing()[::-1]
+    return ignore_background_near_organs(classes, cfg.pseudo_background_margin_mm, spacing_zyx, IGNORE)
+
+
 def _unlabeled_volumes(images, names, trainable, feature_cfg, bpr, device, report, stop) -> list:
     """The unlabeled scans prepared on the working grid, every voxel ignored until labeled."""
     from DiffusionSegLib.probe.sampling import prepare_unlabeled_volume
@@ -295,7 +305,7 @@ def _label_by_self_training(network, volumes, cfg: FinetuneConfig, device, autoc
             atomic_write(stored, write)
     kept = []
     for volume, classes in zip(volumes, labels, strict=True):
-        volume.classes = classes
+        volume.classes = _background_margin(volume, classes, cfg)
         volume.__dict__.pop("present", None)  # the cached property of the placeholder classes
         if volume.present - {0}:
             kept.append(volume)
@@ -333,7 +343,7 @@ def _pseudo_labeled_volumes(images, names, atlases, trainable, feature_cfg, cfg:
         raise FinetuneCancelled("fine-tuning cancelled while registering the unlabeled volumes")
     kept = []
     for volume, row in zip(volumes, results, strict=True):
-        volume.classes = fuse_by_agreement(row, IGNORE)
+        volume.classes = _background_margin(volume, fuse_by_agreement(row, IGNORE), cfg)
         volume.__dict__.pop("present", None)  # the cached property of the placeholder classes
         if volume.present - {0}:
             kept.append(volume)

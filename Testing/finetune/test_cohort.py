@@ -63,6 +63,30 @@ def test_fusion_keeps_the_class_where_all_atlases_agree_and_ignores_the_rest():
     assert fused.tolist() == [[[0, 1, IGNORE, 2]]]
 
 
+def test_background_margin_removes_the_wrong_background_of_organs_pseudo_labels_miss():
+    from scipy import ndimage
+
+    from DiffusionSegLib.cohort.pseudo_labels import ignore_background_near_organs
+
+    image = read_volume(data_path("btcv/btcv_0001_labels.nii.gz"))
+    truth = sitk.GetArrayFromImage(image)[:, ::4, ::4].astype(np.uint8)  # a real abdomen's 13 organs, coarse
+    spacing = np.array(image.GetSpacing()[::-1]) * (1, 4, 4)
+    pseudo = np.zeros_like(truth)  # a misregistered atlas: every organ 2 voxels off along y
+    pseudo[:, 2:] = truth[:, :-2]
+    assert not truth[:, -2:].any()
+    pseudo[0] = IGNORE  # unsure voxels (atlases disagree) are no background either
+    assert ((pseudo == 0) & (truth > 0)).sum() > 1000
+    margin = 2.01 * spacing[1]
+    kept = ignore_background_near_organs(pseudo, margin, spacing, IGNORE)
+    assert ((kept == 0) & (truth > 0)).sum() == 0  # no organ voxel is taught to be background any more
+    assert np.array_equal(kept[pseudo > 0], pseudo[pseudo > 0]) and (kept[pseudo == IGNORE] == IGNORE).all()
+    far = ndimage.distance_transform_edt(pseudo == 0, sampling=spacing) > margin
+    assert (kept[far & (pseudo == 0)] == 0).all() and (kept == 0).mean() > 0.5  # far background still teaches
+    assert np.array_equal(ignore_background_near_organs(pseudo, 0.0, spacing, IGNORE), pseudo)
+    with pytest.raises(ValueError, match="pseudo_background_margin_mm"):
+        FinetuneConfig(steps=1, pseudo_background_margin_mm=-1.0)
+
+
 def test_bpr_start_lands_an_atlas_on_a_scan_of_another_field_of_view(ants):
     """The atlas is a whole BTCV scan; the target is the same patient's upper abdomen only (the lower 45 % of the
     slices cut away). The BPR coordinates' fit alone (no registration) puts the atlas's liver onto the target's,
