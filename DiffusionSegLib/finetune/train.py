@@ -252,14 +252,22 @@ def _batch_sources(labeled: list, pseudo: list, cfg: FinetuneConfig) -> list[lis
     return [labeled] * (cfg.batch_size - from_pseudo) + [pseudo] * from_pseudo
 
 
-def _background_margin(volume, classes: np.ndarray, cfg: FinetuneConfig) -> np.ndarray:
-    """``classes`` (pseudo-labels of ``volume``) with background near organs and unsure voxels ignored
-    (``cfg.pseudo_background_margin_mm``)."""
+def _with_pseudo_labels(volumes: list, labels: list[np.ndarray], cfg: FinetuneConfig, why_unused: str) -> list:
+    """The unlabeled volumes given their pseudo-labels (background near organs and unsure voxels ignored,
+    ``cfg.pseudo_background_margin_mm``); those left without an organ voxel are dropped with a warning."""
     from DiffusionSegLib.cohort.pseudo_labels import ignore_background_near_organs
     from DiffusionSegLib.probe.sampling import IGNORE
 
-    spacing_zyx = volume.working.GetSpacing()[::-1]
-    return ignore_background_near_organs(classes, cfg.pseudo_background_margin_mm, spacing_zyx, IGNORE)
+    kept = []
+    for volume, classes in zip(volumes, labels, strict=True):
+        spacing_zyx = volume.working.GetSpacing()[::-1]
+        volume.classes = ignore_background_near_organs(classes, cfg.pseudo_background_margin_mm, spacing_zyx, IGNORE)
+        volume.__dict__.pop("present", None)  # the cached property of the placeholder classes
+        if volume.present - {0}:
+            kept.append(volume)
+        else:
+            log.warning("%s: %s; not used", volume.name, why_unused)
+    return kept
 
 
 def _unlabeled_volumes(images, names, trainable, feature_cfg, bpr, device, report, stop) -> list:
@@ -303,14 +311,7 @@ def _label_by_self_training(network, volumes, cfg: FinetuneConfig, device, autoc
                     np.savez_compressed(handle, names=np.asarray(names), **arrays)
 
             atomic_write(stored, write)
-    kept = []
-    for volume, classes in zip(volumes, labels, strict=True):
-        volume.classes = _background_margin(volume, classes, cfg)
-        volume.__dict__.pop("present", None)  # the cached property of the placeholder classes
-        if volume.present - {0}:
-            kept.append(volume)
-        else:
-            log.warning("%s: no organ voxel predicted confidently; not used", volume.name)
+    kept = _with_pseudo_labels(volumes, labels, cfg, "no organ voxel predicted confidently")
     from DiffusionSegLib.probe.sampling import IGNORE
 
     log.info("self-training: %d unlabeled volumes labeled by the network (%.0f %% of their voxels confident)",
@@ -341,14 +342,8 @@ def _pseudo_labeled_volumes(images, names, atlases, trainable, feature_cfg, cfg:
                         report=lambda f, m: report(0.05, m), should_stop=stop)  # fmt: skip
     if results is None:
         raise FinetuneCancelled("fine-tuning cancelled while registering the unlabeled volumes")
-    kept = []
-    for volume, row in zip(volumes, results, strict=True):
-        volume.classes = _background_margin(volume, fuse_by_agreement(row, IGNORE), cfg)
-        volume.__dict__.pop("present", None)  # the cached property of the placeholder classes
-        if volume.present - {0}:
-            kept.append(volume)
-        else:
-            log.warning("%s: no organ label survived registration; not used", volume.name)
+    kept = _with_pseudo_labels(volumes, [fuse_by_agreement(row, IGNORE) for row in results], cfg,
+                               "no organ label survived registration")  # fmt: skip
     seconds = prepared_s + sum(p.seconds for row in results for p in row)
     log.info("%d unlabeled volumes labeled by registration (%.0f s; %.0f %% of their voxels labeled)", len(kept),
              seconds, 100.0 * np.mean([float((v.classes != IGNORE).mean()) for v in volumes]))  # fmt: skip
