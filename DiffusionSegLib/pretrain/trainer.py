@@ -8,6 +8,7 @@ run would. The frozen backbone is exported to ``backbone.safetensors`` with its 
 
 from __future__ import annotations
 
+import gc
 import glob
 import logging
 import math
@@ -134,8 +135,12 @@ def pretrain_backbone(cfg: PretrainConfig, *, resume: bool = True, max_steps_thi
     """
     context = setup_distributed(cfg.training.device)
     try:
-        return _run(cfg, context, resume, max_steps_this_run, export)
+        result = _run(cfg, context, resume, max_steps_this_run, export)
+        if context.enabled:
+            dist.barrier()  # no rank tears gloo down while another still exports (it aborted one rank in CI)
+        return result
     finally:
+        gc.collect()  # DDP's reducer holds the process group: free it now, not during interpreter shutdown
         cleanup_distributed()
 
 
