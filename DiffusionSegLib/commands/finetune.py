@@ -12,7 +12,8 @@ it and writes the best model so far.
 (ANTs, started from the BPR coordinates; ``pip install antspyx``), the warped labels where they agree train the
 network beside the true ones, and ``--minutes`` then includes that registration (cached in ``--run-dir``).
 With ``--pseudo-labels self-training`` nothing is registered: the network trains on the labeled scans for
-``--self-training-start`` of the run, then labels the unlabeled scans itself and keeps its confident voxels.
+``--self-training-start`` of the run, then labels the unlabeled scans itself and keeps its confident voxels;
+``--pseudo-labels registration+self-training`` does that relabeling after training on registration's labels.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ log = logging.getLogger(__name__)
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from DiffusionSegLib.commands.train_probe import add_case_arguments
+    from DiffusionSegLib.finetune.config import PSEUDO_LABELS
 
     parser.add_argument("--backbone", help="pretrained backbone (default: the shipped diffusion + BPR backbone)")
     add_case_arguments(parser)
@@ -60,11 +62,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "from too: folders, files or glob patterns (see --pseudo-labels)")
     parser.add_argument("--unlabeled-share", type=float, default=0.5, help="share of each batch from the unlabeled "
                         "scans (default 0.5)")  # fmt: skip
-    parser.add_argument("--pseudo-labels", choices=("registration", "self-training"), default="registration",
+    parser.add_argument("--pseudo-labels", choices=PSEUDO_LABELS, default="registration",
                         help="how the unlabeled scans get labels: 'registration' (labeled scans registered to them, "
                         "warped labels kept where all agree; needs antspyx) or 'self-training' (the network, trained "
                         "on the labeled scans for --self-training-start of the run, labels them itself, confident "
-                        "voxels only); default registration")  # fmt: skip
+                        "voxels only) or 'registration+self-training' (registration's labels until "
+                        "--self-training-start, then the network's own confident ones); default registration")  # fmt: skip
     parser.add_argument("--self-training-start", type=float, default=0.5, help="share of the run trained on the "
                         "labeled scans alone before self-training labels the unlabeled ones (default 0.5)")
     parser.add_argument("--pseudo-confidence", type=float, default=0.9, help="self-training keeps voxels predicted "
@@ -106,7 +109,7 @@ def run(args: argparse.Namespace) -> int:
         from DiffusionSegLib.cohort.registration import require_ants
         from DiffusionSegLib.data.datasets import find_unlabeled_scans
 
-        if cfg.pseudo_labels == "registration":
+        if cfg.pseudo_labels != "self-training":
             require_ants()
         unlabeled_paths = find_unlabeled_scans(args.unlabeled, exclude=[pair[0] for pair in args.case or ()])
     inputs = case_inputs(args, args.backbone or default_backbone_path()) + unlabeled_paths

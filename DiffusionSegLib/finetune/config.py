@@ -11,7 +11,7 @@ __all__ = ["FinetuneConfig", "INITS", "PSEUDO_LABELS", "REGISTRATIONS"]
 
 INITS = ("pretrained", "random")
 REGISTRATIONS = ("SyN", "SyNRA", "Affine")
-PSEUDO_LABELS = ("registration", "self-training")
+PSEUDO_LABELS = ("registration", "self-training", "registration+self-training")
 
 
 @dataclass
@@ -91,10 +91,12 @@ class FinetuneConfig:
     """Where the unlabeled scans' labels come from: ``"registration"`` (each labeled scan registered to each
     unlabeled one, warped labels kept where all agree) or ``"self-training"`` (the network trains on the labeled
     scans alone for ``self_training_start`` of the run, then labels the unlabeled scans itself, keeping the voxels
-    it predicts with at least ``pseudo_confidence``; no registration)."""
+    it predicts with at least ``pseudo_confidence``; no registration) or ``"registration+self-training"``
+    (registration's labels until ``self_training_start`` of the run, then the network, taught by them and the
+    labeled scans, relabels the unlabeled scans with its confident voxels: a second round in the same budget)."""
     self_training_start: float = 0.5
-    """Share of the run (of the budget, or of the steps) trained on the labeled scans alone before self-training
-    labels the unlabeled ones."""
+    """Share of the run (of the budget, or of the steps) before self-training labels the unlabeled scans (trained
+    until then on the labeled scans alone, or with registration's labels too)."""
     pseudo_confidence: float = 0.9
     """Self-training keeps a voxel's predicted class where its softmax probability is at least this; the rest is
     left out of the loss."""

@@ -270,6 +270,20 @@ def _with_pseudo_labels(volumes: list, labels: list[np.ndarray], cfg: FinetuneCo
     return kept
 
 
+def _keep_registered(registered: list[tuple], relabeled: list) -> list:
+    """The volumes self-training left without a confident organ voxel, given back their registration labels."""
+    kept = {id(v) for v in relabeled}
+    restored = []
+    for volume, classes in registered:
+        if id(volume) not in kept:
+            volume.classes = classes
+            volume.__dict__.pop("present", None)
+            restored.append(volume)
+    if restored:
+        log.info("self-training: %d volumes keep their registration labels", len(restored))
+    return restored
+
+
 def _unlabeled_volumes(images, names, trainable, feature_cfg, bpr, device, report, stop) -> list:
     """The unlabeled scans prepared on the working grid, every voxel ignored until labeled."""
     from DiffusionSegLib.probe.sampling import prepare_unlabeled_volume
@@ -364,7 +378,8 @@ def finetune(cases: Sequence[tuple[sitk.Image, sitk.Image]], labels: Sequence[Or
     coordinates; :mod:`DiffusionSegLib.cohort`) and the warped labels, kept where all labeled scans agree, train
     the network beside the true labels (``cfg.unlabeled_share`` of each batch; disagreeing voxels are left out of
     the loss). With ``cfg.pseudo_labels == "self-training"`` there is no registration: after
-    ``cfg.self_training_start`` of the run the network labels the unlabeled scans itself, confident voxels only.
+    ``cfg.self_training_start`` of the run the network labels the unlabeled scans itself, confident voxels only;
+    with ``"registration+self-training"`` the network trained on registration's labels relabels them at that point.
     The budget in minutes includes the unlabeled scans' preparation, registration and labeling.
 
     Args:
@@ -443,8 +458,7 @@ def finetune(cases: Sequence[tuple[sitk.Image, sitk.Image]], labels: Sequence[Or
     _check_labels(labels, [v.present for v in train_volumes])
     timings["prepare"] = time.perf_counter() - clock
     pseudo_volumes, cohort_seconds, awaiting_labels = [], 0.0, []
-    self_training = bool(len(unlabeled)) and cfg.pseudo_labels == "self-training"
-    if self_training:  # labeled later, by the network itself
+    if len(unlabeled) and cfg.pseudo_labels == "self-training":  # labeled later, by the network itself
         awaiting_labels = _unlabeled_volumes(unlabeled, cohort_names, trainable, feature_cfg, bpr_module, device,
                                              report, stop)  # fmt: skip
         cohort_seconds = time.perf_counter() - clock - timings["prepare"]
@@ -455,6 +469,8 @@ def finetune(cases: Sequence[tuple[sitk.Image, sitk.Image]], labels: Sequence[Or
             stop, registration_cache if registration_cache is not None else (
                 Path(run_dir) / "registrations" if run_dir is not None else None))  # fmt: skip
         timings["cohort"] = cohort_seconds
+        if cfg.pseudo_labels == "registration+self-training":  # the network relabels them later
+            awaiting_labels = list(pseudo_volumes)
 
     torch.manual_seed(cfg.seed)
     head = build_head("linear", trainable.feature_channels, len(labels) + 1)
@@ -510,10 +526,12 @@ def finetune(cases: Sequence[tuple[sitk.Image, sitk.Image]], labels: Sequence[Or
             break
         started = time.perf_counter()
         if awaiting_labels and share_done() >= cfg.self_training_start:
+            registered = [(v, v.classes) for v in pseudo_volumes]  # empty unless registration labeled them first
             pseudo_volumes = _label_by_self_training(
                 evaluated, awaiting_labels, cfg, device, autocast,
                 Path(run_dir) / SELF_TRAINING_LABELS if run_dir is not None else None,
                 lambda fraction, message: report(0.05 + 0.95 * share_done(), message))  # fmt: skip
+            pseudo_volumes += _keep_registered(registered, pseudo_volumes)
             awaiting_labels = []
             timings["self_labels"] = time.perf_counter() - started
         peak_share = learning_rate_at(step + 1, planned, cfg, elapsed / budget_s if budget_s else None)

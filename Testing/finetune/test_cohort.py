@@ -114,7 +114,7 @@ def test_bpr_start_lands_an_atlas_on_a_scan_of_another_field_of_view(ants):
     (atlas_volume, atlas), (target_volume, target) = prepared(ct), prepared(upper)
 
     def liver(volume):
-        return class_index_map(sitk.GetArrayViewFromImage(
+        return class_index_map(sitk.GetArrayFromImage(  # a copy: the resampled image is a temporary
             resample_labels_onto(to_canonical_orientation(labels), volume.image, "linear")), [ORGANS[0]])
 
     classes, truth = liver(atlas_volume), liver(target_volume)
@@ -253,3 +253,65 @@ def test_self_training_labels_the_unlabeled_scans_itself_without_registration_an
                        unlabeled=unlabeled)  # fmt: skip
     assert not resumed.cancelled and resumed.steps == 8 and len(labelings) == 2  # the stored labels were reused
     assert read_probe_config(tmp_path / "m.safetensors")["finetune"]["finetune"]["pseudo_labels"] == "self-training"
+
+
+def test_registration_then_self_training_relabels_the_registered_scans_at_the_switch(ants, backbone, tmp_path,
+                                                                                     monkeypatch):  # fmt: skip
+    import DiffusionSegLib.cohort.pseudo_labels as pseudo
+    from DiffusionSegLib.finetune import train
+
+    labeled = [btcv("0001")]
+    unlabeled = [btcv("0002", labels=False), btcv("0003", labels=False)]
+    registrations, real_register = [], pseudo.register_labels
+    monkeypatch.setattr(pseudo, "register_labels", lambda *a, **k: registrations.append(1) or real_register(*a, **k))
+    labelings, real_labels = [], train._self_labels
+    monkeypatch.setattr(train, "_self_labels", lambda *a, **k: labelings.append(1) or real_labels(*a, **k))
+    batches, real_sources = [], train._batch_sources  # per step: the pseudo-labels each pseudo volume trains on
+    monkeypatch.setattr(train, "_batch_sources", lambda labeled, pseudo, cfg: batches.append(
+        [v.classes.copy() for v in pseudo]) or real_sources(labeled, pseudo, cfg))  # fmt: skip
+    cfg = FinetuneConfig(**TINY, steps=40, pseudo_labels="registration+self-training", self_training_start=0.75,
+                         pseudo_confidence=0.3, pseudo_background_margin_mm=6.0)  # fmt: skip
+    result = finetune(labeled, ORGANS, backbone, tmp_path / "m.safetensors", cfg, run_dir=tmp_path / "run",
+                      progress=False, unlabeled=unlabeled)  # fmt: skip
+    assert result.steps == 40 and len(registrations) == 2 and len(labelings) == 2
+    assert len(batches) == 40 and all(len(b) == 2 for b in batches)  # pseudo-labeled scans in every batch
+    registered, relabeled = batches[0], batches[-1]
+    assert all(np.array_equal(a, b) for step in batches[:30] for a, b in zip(step, registered, strict=True))
+    assert all(not np.array_equal(a, b) for a, b in zip(registered, relabeled, strict=True))  # the network's own
+    assert all((classes == IGNORE).any() for classes in relabeled)  # unsure voxels and the margin left out
+    assert read_probe_config(tmp_path / "m.safetensors")["finetune"]["finetune"]["pseudo_labels"] == (
+        "registration+self-training")
+
+
+def test_unlabeled_scans_raise_dice_on_the_cohort_against_labeled_only_at_equal_steps(ants, tmp_path):
+    """A user's case: one labeled scan and three unlabeled ones to segment. The shipped backbone fine-tuned for 100
+    steps at 6 mm on the labeled scan alone, and for the same steps and seed with the three unlabeled scans too
+    (registration, 6 mm background margin); the three scans' manual labels are read here only to score them.
+    Measured over seeds 0-3 (liver, spleen, kidneys): labeled-only 0.135-0.200 mean Dice, with the cohort 0.411-0.460
+    (gain 0.22-0.33 each seed)."""
+    from DiffusionSegLib.pretrain.export import load_backbone
+    from DiffusionSegLib.probe import find_probe_backbone, load_probe, segment
+    from DiffusionSegLib.resources import default_backbone_path
+
+    backbone = load_backbone(default_backbone_path())
+    labeled = [btcv("0001")]
+    cohort = [btcv(case) for case in ("0002", "0003", "0005")]
+    cfg = {**TINY, "lr": 1e-3, "steps": 100, "seed": 0}
+
+    def cohort_dice(unlabeled, name: str) -> float:
+        result = finetune(labeled, ORGANS, backbone, tmp_path / f"{name}.safetensors", FinetuneConfig(**cfg, **(
+            {"pseudo_background_margin_mm": 6.0} if unlabeled else {})), run_dir=tmp_path / name, progress=False,
+            unlabeled=unlabeled)  # fmt: skip
+        assert result.steps == 100
+        trained = load_backbone(find_probe_backbone(result.probe_path))
+        probe = load_probe(result.probe_path, trained)
+        scores = []
+        for ct, truth in cohort:
+            labels, reference = (sitk.GetArrayFromImage(segment(ct, probe, trained).labels),
+                                 sitk.GetArrayFromImage(truth))  # fmt: skip
+            scores += [dice(labels == organ.value, reference == organ.value) for organ in ORGANS]
+        return float(np.mean(scores))
+
+    alone = cohort_dice([], "labeled_only")
+    with_cohort = cohort_dice([ct for ct, _ in cohort], "with_cohort")
+    assert with_cohort >= alone + 0.15, (alone, with_cohort)
