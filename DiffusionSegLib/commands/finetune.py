@@ -68,8 +68,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "on the labeled scans for --self-training-start of the run, labels them itself, confident "
                         "voxels only) or 'registration+self-training' (registration's labels until "
                         "--self-training-start, then the network's own confident ones); default registration")  # fmt: skip
-    parser.add_argument("--self-training-start", type=float, default=0.5, help="share of the run trained on the "
-                        "labeled scans alone before self-training labels the unlabeled ones (default 0.5)")
+    parser.add_argument("--self-training-start", type=float, default=0.5, help="share of the run before self-training "
+                        "labels the unlabeled scans (trained until then on the labeled scans alone, or with "
+                        "registration's labels too; default 0.5)")  # fmt: skip
     parser.add_argument("--pseudo-confidence", type=float, default=0.9, help="self-training keeps voxels predicted "
                         "with at least this probability (default 0.9)")  # fmt: skip
     parser.add_argument("--pseudo-background-margin", type=float, default=0.0, metavar="MM", help="background "

@@ -261,13 +261,19 @@ def _with_pseudo_labels(volumes: list, labels: list[np.ndarray], cfg: FinetuneCo
     kept = []
     for volume, classes in zip(volumes, labels, strict=True):
         spacing_zyx = volume.working.GetSpacing()[::-1]
-        volume.classes = ignore_background_near_organs(classes, cfg.pseudo_background_margin_mm, spacing_zyx, IGNORE)
-        volume.__dict__.pop("present", None)  # the cached property of the placeholder classes
+        _set_classes(volume, ignore_background_near_organs(classes, cfg.pseudo_background_margin_mm, spacing_zyx,
+                                                            IGNORE))  # fmt: skip
         if volume.present - {0}:
             kept.append(volume)
         else:
             log.warning("%s: %s; not used", volume.name, why_unused)
     return kept
+
+
+def _set_classes(volume, classes: np.ndarray) -> None:
+    """Give a prepared volume new (pseudo-)labels; its cached ``present`` classes follow."""
+    volume.classes = classes
+    volume.__dict__.pop("present", None)
 
 
 def _keep_registered(registered: list[tuple], relabeled: list) -> list:
@@ -276,8 +282,7 @@ def _keep_registered(registered: list[tuple], relabeled: list) -> list:
     restored = []
     for volume, classes in registered:
         if id(volume) not in kept:
-            volume.classes = classes
-            volume.__dict__.pop("present", None)
+            _set_classes(volume, classes)
             restored.append(volume)
     if restored:
         log.info("self-training: %d volumes keep their registration labels", len(restored))
