@@ -278,14 +278,15 @@ def separable_samples(array: np.ndarray, grid, target: sitk.Image, sigmas: Seque
     rows_yx = torch.empty((nz, my.shape[0], mx.shape[0]), dtype=torch.float32)
     step = max(1, _SLAB_VOXELS // (ny * nx))
     bands_x, bands_y = _bands(mx), _bands(my)
-    for z0 in range(0, nz, step):
-        slab = torch.from_numpy(np.array(array[z0 : z0 + step], dtype=np.float32))  # (a writable copy)
-        along_x = torch.empty((slab.shape[0], ny, mx.shape[0]), dtype=torch.float32)
-        for rows, cols in bands_x:  # x: (.., ny, nx) -> (.., ny, tx)
-            torch.matmul(slab[..., cols], mx[rows, cols].T, out=along_x[..., rows])
-        for rows, cols in bands_y:  # y: (.., ny, tx) -> (.., ty, tx)
-            torch.matmul(my[rows, cols], along_x[:, cols], out=rows_yx[z0 : z0 + step, rows])
-    values = torch.matmul(mz, rows_yx.reshape(nz, -1)).reshape(mz.shape[0], my.shape[0], mx.shape[0]).numpy()
+    with torch.autocast("cpu", enabled=False):  # float32 whatever the caller's autocast (bfloat16 sums blur HU)
+        for z0 in range(0, nz, step):
+            slab = torch.from_numpy(np.array(array[z0 : z0 + step], dtype=np.float32))  # (a writable copy)
+            along_x = torch.empty((slab.shape[0], ny, mx.shape[0]), dtype=torch.float32)
+            for rows, cols in bands_x:  # x: (.., ny, nx) -> (.., ny, tx)
+                torch.matmul(slab[..., cols], mx[rows, cols].T, out=along_x[..., rows])
+            for rows, cols in bands_y:  # y: (.., ny, tx) -> (.., ty, tx)
+                torch.matmul(my[rows, cols], along_x[:, cols], out=rows_yx[z0 : z0 + step, rows])
+        values = torch.matmul(mz, rows_yx.reshape(nz, -1)).reshape(mz.shape[0], my.shape[0], mx.shape[0]).numpy()
     inside = maps[0].inside[:, None, None] & maps[1].inside[None, :, None] & maps[2].inside[None, None, :]
     return np.where(inside, values, np.float32(default_value))
 

@@ -90,6 +90,34 @@ def test_segment_applies_the_recorded_field_of_view_and_writes_it_to_the_seg_nrr
     assert "not in the field of view: right kidney" in image.GetMetaData(FIELD_OF_VIEW_KEY)
 
 
+def test_segment_in_bfloat16_checks_the_field_of_view_in_float32(case, probe_file, shipped_backbone):
+    """Where ``auto`` picks bfloat16 (AMX CPUs) the networks run under autocast, but the field of view's resampling
+    and slice BPR must not: under it a bfloat16 matmul result reached ``.numpy()`` and every segmentation failed."""
+    from DiffusionSegLib.probe import segment
+
+    ct = case[0][160:352, 160:352, :]  # a crop (its own geometry) keeps the emulated bfloat16 windows few
+    probe = load_probe(probe_file, shipped_backbone)
+    low = segment(ct, probe, shipped_backbone, precision="bfloat16", device="cpu")
+    high = segment(ct, probe, shipped_backbone, precision="float32", device="cpu")
+    assert low.precision == "bfloat16" and high.precision == "float32"
+    assert low.field_of_view is not None and low.field_of_view.outside == high.field_of_view.outside
+    assert low.field_of_view.z_range_mm == pytest.approx(high.field_of_view.z_range_mm, abs=1e-3)
+
+
+def test_resampling_stays_float32_inside_a_bfloat16_autocast():
+    """The one-pass resampler is numeric preprocessing: a caller's bfloat16 autocast must not round its sums."""
+    import torch
+
+    from DiffusionSegLib.preprocess import PreprocessConfig, prepare_volume
+
+    ct = sitk.ReadImage(str(data_path("labeled/totalseg_example_ct_3mm.nii.gz")))
+    cfg = PreprocessConfig(spacing_mm=(4.0, 4.0, 5.0))
+    plain = sitk.GetArrayFromImage(prepare_volume(ct, cfg).image)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        autocast = sitk.GetArrayFromImage(prepare_volume(ct, cfg).image)
+    assert autocast.dtype == plain.dtype and np.array_equal(autocast, plain)
+
+
 def test_the_chest_ct_gets_no_abdominal_organs_above_its_lower_edge(tmp_path, caplog):
     """The shared chest CT through ``diffusionseg segment`` with the shipped default: no pancreas, kidneys and
     adrenals only where the scan shows them, every organ either written or reported, and the liver in the lower
