@@ -70,6 +70,11 @@ METHODS = {  # row name: (what it is, FinetuneConfig fields)
                             "labels of probability >= 0.9, same margin)"),
                            {"init": "pretrained", "pseudo_background_margin_mm": 12.0,
                             "pseudo_labels": "registration+self-training"}),
+    "cohort_self_margin": (("fine-tuned from diffusion + BPR pretraining, plus the 13 other pool scans unlabeled "
+                            "(no registration: labeled scans alone for half the run, then the network's own labels "
+                            "of probability >= 0.9, background within 12 mm of them or of an unsure voxel left out)"),
+                           {"init": "pretrained", "pseudo_labels": "self-training",
+                            "pseudo_background_margin_mm": 12.0}),
     "random": ("our network, random init, fine-tuned", {"init": "random"}),
     "monai_unet": ("MONAI UNet from scratch (DESIGN.md §2 recipe)", None),
     "frozen_context": ("frozen probe (context head + CT and coordinates) on the diffusion + BPR backbone", None),
@@ -80,7 +85,7 @@ FROZEN = {"frozen_context": "pretrained", "frozen_context_random": "random"}
 has not improved for ``patience`` validations (``probe_config``), so these rows have no minute budget."""
 """``monai_unet`` is what a user does without us (``benchmarks/monai_unet_baseline.py``), trained at the same
 budget on the same cases and scored the same way (no largest-component clean-up: a plain MONAI user has none)."""
-COHORT = {"cohort", "cohort_self", "cohort_margin", "cohort_margin_self"}
+COHORT = {"cohort", "cohort_self", "cohort_margin", "cohort_margin_self", "cohort_self_margin"}
 """Rows that also learn from the unlabeled cohort: the pool's other 13 scans, read as CT only (their labels are
 never opened); few-shot regimes only."""
 DRAWS = (0, 1, 2, 3)
