@@ -49,7 +49,7 @@ def test_training_patch_logits_are_the_logits_segment_computes(head, bone_case, 
         return captured["logits"]
 
     monkeypatch.setattr(features, "sliding_window_apply", capture)
-    segment(bone_case[0], probe, backbone)
+    segment(bone_case[0], probe, backbone, precision="float32")  # the training logits are float32
     at_inference = captured["logits"][0]
 
     # the training side, exactly as fit_probe builds its cache (first window corner: one window covers it alone)
@@ -75,7 +75,7 @@ def test_nonlinear_probe_segments_the_liver(backbone):
     cfg = ProbeConfig(head="nonlinear", hidden_channels=16, steps=100, lr=3e-2, patch_size_vox=PATCH,
                       patches_per_volume=16, val_every=25)  # fmt: skip
     probe = fit_probe([(ct, labels)], [LIVER], backbone, cfg, progress=False)
-    result = segment(ct, probe, backbone)
+    result = segment(ct, probe, backbone, precision="float32")
     predicted = sitk.GetArrayViewFromImage(result.labels) == LIVER.value
     reference = sitk.GetArrayViewFromImage(labels) == LIVER.value
     score, rule = dice(predicted, reference), liver_rule_dice(ct, reference)
