@@ -85,7 +85,7 @@ FROZEN = {"frozen_context": "pretrained", "frozen_context_random": "random"}
 has not improved for ``patience`` validations (``probe_config``), so these rows have no minute budget."""
 """``monai_unet`` is what a user does without us (``benchmarks/monai_unet_baseline.py``), trained at the same
 budget on the same cases and scored the same way (no largest-component clean-up: a plain MONAI user has none)."""
-COHORT = {"cohort", "cohort_self", "cohort_margin", "cohort_margin_self", "cohort_self_margin"}
+COHORT = {m for m in METHODS if m.startswith("cohort")}
 """Rows that also learn from the unlabeled cohort: the pool's other 13 scans, read as CT only (their labels are
 never opened); few-shot regimes only."""
 DRAWS = (0, 1, 2, 3)
