@@ -12,7 +12,7 @@ A run is reused when its folder holds a model and a ``key.json`` equal to the ru
 cases, every fine-tuning setting); an interrupted run resumes from its snapshot. Results:
 ``benchmarks/results/finetune_accuracy/{report.json,report.md}`` and per run ``runs/<name>/`` (the model and its
 backbone, ``key.json``, ``train.json`` with the learning curve, ``result.json`` with the scores; the resumable
-``snapshot/`` is not committed).
+``snapshot/`` and the weights are not tracked in git: a rerun regenerates them).
 
     .venv/bin/python benchmarks/finetune_accuracy.py                       # every row at its default budget
     .venv/bin/python benchmarks/finetune_accuracy.py --only pretrained_fewshot_d0 --budget-fewshot 15
