@@ -94,7 +94,8 @@ class FinetuneResult:
         steps: steps trained; ``planned_steps``: the schedule's length.
         best_step: step of the kept model (the last step without held-out volumes).
         cancelled: stopped by ``should_stop()``; the best model so far was written.
-        seconds: wall time of preparation and training.
+        seconds: wall time by stage; with unlabeled scans ``cohort`` (their preparation and labeling) and, with
+            registration, ``registration`` (the registrations' own seconds, a cached one counted as computed).
     """
 
     probe: object
@@ -339,10 +340,10 @@ def _label_by_self_training(network, volumes, cfg: FinetuneConfig, device, autoc
 
 
 def _pseudo_labeled_volumes(images, names, atlases, trainable, feature_cfg, cfg: FinetuneConfig, bpr, device,
-                            progress, report, stop, cache_dir) -> tuple[list, float]:  # fmt: skip
+                            progress, report, stop, cache_dir) -> tuple[list, float, float]:  # fmt: skip
     """The unlabeled scans prepared and labeled by registration of the labeled ``atlases`` (fused by agreement),
-    and the seconds it took (a cached registration counts the seconds it took when computed). Volumes where no
-    voxel got a label are dropped."""
+    the seconds it all took and the registrations' own seconds (a cached registration counts the seconds it took
+    when computed, not the moment it takes to read). Volumes where no voxel got a label are dropped."""
     from DiffusionSegLib.cohort.pseudo_labels import PropagationCache, fuse_by_agreement, propagate, volume_scan
     from DiffusionSegLib.cohort.registration import RegistrationConfig, require_ants
     from DiffusionSegLib.probe.sampling import IGNORE
@@ -363,10 +364,11 @@ def _pseudo_labeled_volumes(images, names, atlases, trainable, feature_cfg, cfg:
         raise FinetuneCancelled("fine-tuning cancelled while registering the unlabeled volumes")
     kept = _with_pseudo_labels(volumes, [fuse_by_agreement(row, IGNORE) for row in results], cfg,
                                "no organ label survived registration")  # fmt: skip
-    seconds = prepared_s + sum(p.seconds for row in results for p in row)
+    registration_s = sum(p.seconds for row in results for p in row)
+    seconds = prepared_s + registration_s
     log.info("%d unlabeled volumes labeled by registration (%.0f s; %.0f %% of their voxels labeled)", len(kept),
              seconds, 100.0 * np.mean([float((v.classes != IGNORE).mean()) for v in volumes]))  # fmt: skip
-    return kept, seconds
+    return kept, seconds, registration_s
 
 
 def finetune(cases: Sequence[tuple[sitk.Image, sitk.Image]], labels: Sequence[OrganLabel], backbone,
@@ -469,7 +471,7 @@ def finetune(cases: Sequence[tuple[sitk.Image, sitk.Image]], labels: Sequence[Or
         cohort_seconds = time.perf_counter() - clock - timings["prepare"]
         timings["cohort"] = cohort_seconds
     elif len(unlabeled):
-        pseudo_volumes, cohort_seconds = _pseudo_labeled_volumes(
+        pseudo_volumes, cohort_seconds, timings["registration"] = _pseudo_labeled_volumes(
             unlabeled, cohort_names, train_volumes, trainable, feature_cfg, cfg, bpr_module, device, progress, report,
             stop, registration_cache if registration_cache is not None else (
                 Path(run_dir) / "registrations" if run_dir is not None else None))  # fmt: skip
