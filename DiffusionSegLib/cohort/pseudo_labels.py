@@ -30,8 +30,8 @@ from DiffusionSegLib.cohort.registration import (
     register_labels,
 )
 
-__all__ = ["PropagationCache", "fuse_by_agreement", "ignore_background_near_organs", "propagate", "propagation_key",
-           "working_scan"]
+__all__ = ["PropagationCache", "fuse", "fuse_by_agreement", "fuse_by_local_similarity",
+           "ignore_background_near_organs", "propagate", "propagation_key", "working_scan"]
 
 
 def working_scan(image: sitk.Image, coordinates_mm: np.ndarray | None) -> WorkingScan:
@@ -142,6 +142,57 @@ def fuse_by_agreement(propagations: Sequence[Propagation], ignore: int) -> np.nd
     classes = np.stack([p.classes for p in propagations])
     agree = (classes == classes[0]).all(axis=0)
     return np.where(agree, classes[0], np.uint8(ignore)).astype(np.uint8)
+
+
+def fuse_by_local_similarity(propagations: Sequence[Propagation], target: np.ndarray, ignore: int, *,
+                             spacing_mm: Sequence[float], sigma_mm: float = 6.0, power: float = 2.0,
+                             confidence: float = 0.7) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
+    """Locally weighted voting: each atlas votes for its class at a voxel with a weight that grows as its warped
+    image matches the target's around that voxel, so where two registrations disagree the one that aligned the
+    anatomy there wins instead of the voxel being lost (agreement's rule).
+
+    An atlas whose labels lack an organ that another atlas places at a voxel abstains there: a labeled scan
+    without a gallbladder would otherwise outvote the one that shows it with the liver or background it warps
+    onto that place.
+
+    Args:
+        propagations: the atlases on the target's grid (class maps and windowed images in [0, 1]).
+        target: ``(D, H, W)`` the target's image, windowed to [0, 1] like the atlases'.
+        ignore: the value of a voxel no class reaches ``confidence`` at.
+        spacing_mm: voxel size along (D, H, W), in mm.
+        sigma_mm: Gaussian width of the neighbourhood the local squared difference is averaged over.
+        power: weight = (local mean squared difference + eps) ** -power (Artaechevarria et al., 2009).
+        confidence: the share of the vote a class needs to be the voxel's label.
+
+    Returns:
+        ``(classes, probability)``: uint8 labels (``ignore`` where unsure) and the winning class's vote share.
+    """
+    from scipy import ndimage
+
+    sigma = tuple(sigma_mm / float(s) for s in spacing_mm)
+    target = np.asarray(target, dtype=np.float32)
+    weights = np.stack([(ndimage.gaussian_filter((p.image.astype(np.float32) - target) ** 2, sigma) + 1e-4)
+                        ** -power for p in propagations])  # fmt: skip
+    classes = np.stack([p.classes for p in propagations])
+    present = [set(np.unique(c).tolist()) for c in classes]
+    for a, has in enumerate(present):  # abstain where another atlas places an organ this one has no label of
+        for b, other in enumerate(present):
+            for organ in other - has - {0}:
+                weights[a][classes[b] == organ] = 0.0
+    votes = np.stack([np.where(classes == k, weights, 0.0).sum(axis=0) for k in range(int(classes.max()) + 1)])
+    share = votes / np.maximum(votes.sum(axis=0), 1e-12)
+    winner, probability = share.argmax(axis=0).astype(np.uint8), share.max(axis=0)
+    return np.where(probability >= confidence, winner, np.uint8(ignore)).astype(np.uint8), probability
+
+
+def fuse(propagations: Sequence[Propagation], target: np.ndarray, ignore: int, method: str, *,
+         spacing_mm: Sequence[float]) -> np.ndarray:  # fmt: skip
+    """The pseudo-labels of one target by ``method``: ``"agreement"`` or ``"weighted-vote"``."""
+    if method == "agreement":
+        return fuse_by_agreement(propagations, ignore)
+    if method == "weighted-vote":
+        return fuse_by_local_similarity(propagations, target, ignore, spacing_mm=spacing_mm)[0]
+    raise ValueError(f"fusion {method!r} is unknown; expected 'agreement' or 'weighted-vote'")
 
 
 def ignore_background_near_organs(classes: np.ndarray, margin_mm: float, spacing_mm: Sequence[float],

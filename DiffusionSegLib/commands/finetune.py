@@ -28,7 +28,7 @@ log = logging.getLogger(__name__)
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from DiffusionSegLib.commands.train_probe import add_case_arguments
-    from DiffusionSegLib.finetune.config import PSEUDO_LABELS
+    from DiffusionSegLib.finetune.config import PSEUDO_FUSIONS, PSEUDO_LABELS
 
     parser.add_argument("--backbone", help="pretrained backbone (default: the shipped diffusion + BPR backbone)")
     add_case_arguments(parser)
@@ -78,6 +78,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "(default 0: all count)")  # fmt: skip
     parser.add_argument("--registration", choices=("SyN", "SyNRA", "Affine"), default="SyN",
                         help="ANTs registration of labeled to unlabeled scans (default SyN)")
+    parser.add_argument("--pseudo-fusion", choices=PSEUDO_FUSIONS, default="agreement",
+                        help="how the registered labeled scans' labels are fused: 'agreement' (kept where all agree) "
+                        "or 'weighted-vote' (each votes by how well its warped image matches the scan there; an "
+                        "organ one labeled scan lacks is taken from the other); default agreement")  # fmt: skip
 
 
 def run(args: argparse.Namespace) -> int:
@@ -94,7 +98,7 @@ def run(args: argparse.Namespace) -> int:
                "checkpoint_every": args.checkpoint_every, "seed": args.seed, "device": args.device,
                "precision": args.precision, "backbone_lr_scale": args.backbone_lr_scale,
                "ema_decay": args.ema_decay, "unlabeled_share": args.unlabeled_share,
-               "registration": args.registration, "pseudo_labels": args.pseudo_labels,
+               "registration": args.registration, "pseudo_fusion": args.pseudo_fusion, "pseudo_labels": args.pseudo_labels,
                "self_training_start": args.self_training_start, "pseudo_confidence": args.pseudo_confidence,
                "pseudo_background_margin_mm": args.pseudo_background_margin}  # fmt: skip
     if args.spacing:

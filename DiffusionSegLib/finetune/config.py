@@ -11,6 +11,7 @@ __all__ = ["FinetuneConfig", "INITS", "PSEUDO_LABELS", "REGISTRATIONS"]
 
 INITS = ("pretrained", "random")
 REGISTRATIONS = ("SyN", "SyNRA", "Affine")
+PSEUDO_FUSIONS = ("agreement", "weighted-vote")
 PSEUDO_LABELS = ("registration", "self-training", "registration+self-training")
 
 
@@ -105,6 +106,12 @@ class FinetuneConfig:
     unsure voxel (registration: where the atlases disagree; self-training: below ``pseudo_confidence``); nearer,
     they are left out of the loss (:func:`~DiffusionSegLib.cohort.pseudo_labels.ignore_background_near_organs`).
     0: every background pseudo-label counts."""
+    pseudo_fusion: str = "agreement"
+    """How the registered labeled scans' labels are fused into one pseudo-label map per unlabeled scan:
+    ``"agreement"`` (a label where all atlases agree, the rest left out of the loss) or ``"weighted-vote"`` (each
+    atlas votes with a weight from how well its warped image matches the scan around the voxel; a label where one
+    class has 70 % of the vote; an atlas without an organ abstains where another places it:
+    :func:`~DiffusionSegLib.cohort.pseudo_labels.fuse_by_local_similarity`)."""
     registration: str = "SyN"
     """How labeled scans are registered to the unlabeled ones (ANTs ``type_of_transform``: ``"SyN"``,
     ``"SyNRA"``, ``"Affine"``)."""
@@ -176,6 +183,8 @@ class FinetuneConfig:
                              f"{self.pseudo_confidence} in (0, 1]")  # fmt: skip
         if self.pseudo_background_margin_mm < 0:
             raise ValueError(f"pseudo_background_margin_mm {self.pseudo_background_margin_mm} must not be negative")
+        if self.pseudo_fusion not in PSEUDO_FUSIONS:
+            raise ValueError(f"pseudo_fusion {self.pseudo_fusion!r} is unknown; expected one of {list(PSEUDO_FUSIONS)}")
         if self.registration not in REGISTRATIONS:
             raise ValueError(f"registration {self.registration!r} is unknown; expected one of {list(REGISTRATIONS)}")
         if not 0 <= self.ema_decay < 1 or self.backbone_lr_scale <= 0:
@@ -189,7 +198,7 @@ class FinetuneConfig:
         return config_to_dict(self, omit_at_default=("backbone_lr_scale", "ema_decay", "unlabeled_share",
                                                      "registration", "registration_bpr_start", "pseudo_labels",
                                                      "self_training_start", "pseudo_confidence",
-                                                     "pseudo_background_margin_mm"))  # fmt: skip
+                                                     "pseudo_background_margin_mm", "pseudo_fusion"))  # fmt: skip
 
     @classmethod
     def from_dict(cls, data: dict) -> FinetuneConfig:

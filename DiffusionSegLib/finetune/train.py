@@ -341,11 +341,12 @@ def _label_by_self_training(network, volumes, cfg: FinetuneConfig, device, autoc
 
 def _pseudo_labeled_volumes(images, names, atlases, trainable, feature_cfg, cfg: FinetuneConfig, bpr, device,
                             progress, report, stop, cache_dir) -> tuple[list, float, float]:  # fmt: skip
-    """The unlabeled scans prepared and labeled by registration of the labeled ``atlases`` (fused by agreement),
+    """The unlabeled scans prepared and labeled by registration of the labeled ``atlases`` (fused by
+    ``cfg.pseudo_fusion``),
     the seconds it all took and the registrations' own seconds (a cached registration counts the seconds it took
     when computed, not the moment it takes to read). Volumes where no voxel got a label are dropped."""
-    from DiffusionSegLib.cohort.pseudo_labels import PropagationCache, fuse_by_agreement, propagate, volume_scan
-    from DiffusionSegLib.cohort.registration import RegistrationConfig, require_ants
+    from DiffusionSegLib.cohort.pseudo_labels import PropagationCache, fuse, propagate, volume_scan
+    from DiffusionSegLib.cohort.registration import RegistrationConfig, require_ants, windowed
     from DiffusionSegLib.probe.sampling import IGNORE
 
     require_ants()
@@ -362,8 +363,9 @@ def _pseudo_labeled_volumes(images, names, atlases, trainable, feature_cfg, cfg:
                         report=lambda f, m: report(0.05, m), should_stop=stop)  # fmt: skip
     if results is None:
         raise FinetuneCancelled("fine-tuning cancelled while registering the unlabeled volumes")
-    kept = _with_pseudo_labels(volumes, [fuse_by_agreement(row, IGNORE) for row in results], cfg,
-                               "no organ label survived registration")  # fmt: skip
+    fused = [fuse(row, windowed(v.working, registration.window_hu), IGNORE, cfg.pseudo_fusion,
+                  spacing_mm=v.working.GetSpacing()[::-1]) for v, row in zip(volumes, results, strict=True)]  # fmt: skip
+    kept = _with_pseudo_labels(volumes, fused, cfg, "no organ label survived registration")
     registration_s = sum(p.seconds for row in results for p in row)
     seconds = prepared_s + registration_s
     log.info("%d unlabeled volumes labeled by registration (%.0f s; %.0f %% of their voxels labeled)", len(kept),

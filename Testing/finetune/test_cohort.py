@@ -63,6 +63,38 @@ def test_fusion_keeps_the_class_where_all_atlases_agree_and_ignores_the_rest():
     assert fused.tolist() == [[[0, 1, IGNORE, 2]]]
 
 
+def test_weighted_vote_follows_the_atlas_that_matches_the_scan_and_takes_an_organ_the_other_lacks():
+    from DiffusionSegLib.cohort.pseudo_labels import fuse, fuse_by_agreement, fuse_by_local_similarity
+    from DiffusionSegLib.cohort.registration import Propagation, windowed
+
+    ct, labels = btcv("0001")
+    image = windowed(ct, (-125.0, 275.0))[:, ::4, ::4]  # a real abdomen, coarse
+    truth = sitk.GetArrayFromImage(labels)[:, ::4, ::4].astype(np.uint8)
+    spacing = np.array(ct.GetSpacing()[::-1]) * (1, 4, 4)
+    gallbladder = 4
+    assert (truth == gallbladder).sum() > 20
+    aligned = np.where(truth == gallbladder, 6, truth).astype(np.uint8)  # a registration right but one without
+    # a gallbladder (its scan had none: liver warped onto that place), and one 3 voxels off along y, image and all
+    shifted, shifted_image = np.zeros_like(truth), np.zeros_like(image)
+    shifted[:, 3:], shifted_image[:, 3:] = truth[:, :-3], image[:, :-3]
+    atlases = [Propagation(aligned, image.copy(), 1.0), Propagation(shifted, shifted_image, 1.0)]
+    fused, share = fuse_by_local_similarity(atlases, image, IGNORE, spacing_mm=spacing)
+    agreed = fuse_by_agreement(atlases, IGNORE)
+
+    def dice(labels, k):
+        return 2 * ((labels == k) & (truth == k)).sum() / ((labels == k).sum() + (truth == k).sum())
+
+    organs = [k for k in range(1, 14) if k != gallbladder and (truth == k).any()]
+    assert np.mean([dice(fused, k) for k in organs]) > 0.9 > np.mean([dice(agreed, k) for k in organs]) + 0.1
+    assert (fused[truth != gallbladder] == truth[truth != gallbladder]).mean() > 0.97
+    assert (fused == gallbladder).sum() > 0.5 * (shifted == gallbladder).sum()  # the lacking atlas abstained
+    assert (agreed == gallbladder).sum() == 0 and share.min() >= 0.5 - 1e-6
+    assert np.array_equal(fuse(atlases, image, IGNORE, "weighted-vote", spacing_mm=spacing), fused)
+    assert np.array_equal(fuse(atlases, image, IGNORE, "agreement", spacing_mm=spacing), agreed)
+    with pytest.raises(ValueError, match="pseudo_fusion"):
+        FinetuneConfig(steps=1, pseudo_fusion="majority")
+
+
 def test_background_margin_removes_the_wrong_background_of_organs_pseudo_labels_miss():
     from scipy import ndimage
 
