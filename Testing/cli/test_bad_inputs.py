@@ -1,6 +1,6 @@
 """The bad-input suite: each kind of bad or surprising input, through the real command line (segment, coords,
 train-probe, info), gets one line on stderr, exit status 2, and leaves the output folder byte-for-byte as it
-was (an earlier result at the output path survives). The README's bad-input table lists these rows."""
+was (an earlier result at the output path survives). docs/robustness.md lists these rows."""
 
 from __future__ import annotations
 

@@ -14,7 +14,7 @@ states how it must end:
 
 Most cases run in this process (``main(argv)``, stderr captured at the file-descriptor level, so a message that
 ITK or GDCM print themselves counts); :func:`test_damaged_file_through_a_real_process` runs a few through a
-separate ``python -m DiffusionSegLib`` process. The README's bad-input section lists the table.
+separate ``python -m DiffusionSegLib`` process. docs/robustness.md lists the table.
 """
 
 from __future__ import annotations
