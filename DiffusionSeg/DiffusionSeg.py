@@ -631,16 +631,22 @@ class DiffusionSegLogic(ScriptedLoadableModuleLogic):
         return str(path)
 
     def prepareSegment(self, volumeNode, probePath, backbonePath=None, outputSegmentationNode=None,
-                       device: str = "cpu") -> DiffusionSegTask:  # fmt: skip
+                       device: str = "cpu", largestComponent: bool | None = None) -> DiffusionSegTask:  # fmt: skip
         """Segment the probe's organs in ``volumeNode``; the result goes to ``outputSegmentationNode`` if given
-        (overwritten), else to a new segmentation node named after the volume."""
+        (overwritten), else to a new segmentation node named after the volume. ``largestComponent``: keep each
+        organ's largest connected component (default: as ``diffusionseg segment``,
+        ``DiffusionSegLib.defaults.LARGEST_COMPONENT``)."""
+        from DiffusionSegLib.defaults import LARGEST_COMPONENT
+
         if not probePath:
             raise ValueError("no probe selected; train one or load a probe file")
         backbone = self.resolveBackbone(probePath, backbonePath)
         folder = Path(tempfile.mkdtemp(prefix="DiffusionSeg-"))
         job = {"_tempDir": folder, "image": self._writeVolume(volumeNode, folder, "input"), "probe": str(probePath),
                "backbone": str(backbone), "output_labels": str(folder / "labels.nrrd"),
-               "output_legend": str(folder / "labels.json")}  # fmt: skip
+               "output_legend": str(folder / "labels.json"),
+               "largest_component": LARGEST_COMPONENT if largestComponent is None
+               else bool(largestComponent)}  # fmt: skip
 
         def finish(result: dict):
             import SimpleITK as sitk
@@ -874,9 +880,10 @@ class DiffusionSegLogic(ScriptedLoadableModuleLogic):
     # -- one-call versions --------------------------------------------------------------------------------------
 
     def segment(self, volumeNode, probePath, backbonePath=None, outputSegmentationNode=None, device: str = "cpu",
-                progressCallback=None, shouldStop=None):  # fmt: skip
+                progressCallback=None, shouldStop=None, largestComponent: bool | None = None):  # fmt: skip
         """Segment ``volumeNode`` with a probe (blocking); returns the segmentation node."""
-        task = self.prepareSegment(volumeNode, probePath, backbonePath, outputSegmentationNode, device)
+        task = self.prepareSegment(volumeNode, probePath, backbonePath, outputSegmentationNode, device,
+                                   largestComponent)  # fmt: skip
         return self.run(task, progressCallback, shouldStop)
 
     def showCoordinates(self, volumeNode, outputNode=None, bprPath=None, device: str = "cpu"):

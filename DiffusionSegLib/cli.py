@@ -19,7 +19,7 @@ __all__ = ["main", "build_parser", "COMMANDS"]
 
 # subcommand name -> (module in DiffusionSegLib.commands, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
-    "info": ("info", "show a volume's geometry, intensity statistics and whether it looks like CT"),
+    "info": ("info", "show a CT's geometry and statistics, or a model file's kind, organs, training data, settings"),
     "preprocess": ("preprocess", "put a CT on the working grid (orient, crop to body, resample) and write it"),
     "pretrain": ("pretrain", "pretrain a backbone on unlabeled CT (diffusion + BPR, or a baseline)"),
     "evaluate": ("evaluate", "compare pretraining methods and probes on labeled CT (k-fold or few-shot)"),
@@ -32,6 +32,20 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
+class _Version(argparse.Action):
+    """``--version``: the library version and git commit (computed only when asked for)."""
+
+    def __init__(self, option_strings, dest, **kwargs) -> None:
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        from DiffusionSegLib.checkpoint import git_commit, library_version
+
+        commit = git_commit()
+        print(f"diffusionseg {library_version()}" + (f" (commit {commit[:12]})" if commit != "unknown" else ""))
+        parser.exit()
+
+
 def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     """The parser of every subcommand; with ``only``, the arguments of that subcommand alone are loaded (the other
     subcommands' modules, and the torch they import, are not: ``diffusionseg --help`` answers at once)."""
@@ -40,6 +54,7 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
         description="Anatomically guided diffusion pretraining and few-shot organ segmentation for CT.",
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+    parser.add_argument("--version", action=_Version, help="print the version and exit")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, (module_name, summary) in COMMANDS.items():
         if only is not None and name != only:

@@ -34,6 +34,7 @@ from pathlib import Path
 
 import torch
 
+from DiffusionSegLib.defaults import PRECISIONS
 from DiffusionSegLib.errors import UserInputError
 
 __all__ = ["PRECISIONS", "MIN_SPEEDUP", "MAX_RELATIVE_ERROR", "resolve_precision", "autocast_dtype",
@@ -41,7 +42,6 @@ __all__ = ["PRECISIONS", "MIN_SPEEDUP", "MAX_RELATIVE_ERROR", "resolve_precision
 
 log = logging.getLogger(__name__)
 
-PRECISIONS = ("auto", "float32", "bfloat16")
 MIN_SPEEDUP = 1.15
 """bfloat16 must make the calibration block at least this much faster for ``auto`` to take it."""
 MAX_RELATIVE_ERROR = 0.02

@@ -74,8 +74,10 @@ def _imports(path: Path) -> set[str]:
 
 
 def test_imports_run_down_the_layers():
-    """pretrain/ does not reach up into features/; precision.py depends on nothing of the package but errors."""
+    """pretrain/ does not reach up into features/; precision.py depends on nothing of the package but errors and
+    defaults (which imports nothing)."""
     for path in (PACKAGE / "pretrain").glob("*.py"):
         assert not any(n.startswith("DiffusionSegLib.features") for n in _imports(path)), path.name
     own = {n for n in _imports(PACKAGE / "precision.py") if n.startswith("DiffusionSegLib")}
-    assert own <= {"DiffusionSegLib.errors"}
+    assert own <= {"DiffusionSegLib.errors", "DiffusionSegLib.defaults"}
+    assert not {n for n in _imports(PACKAGE / "defaults.py") if n.startswith("DiffusionSegLib")}

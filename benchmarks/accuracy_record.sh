@@ -16,7 +16,7 @@ PY=${1:-.venv/bin/python}
 DATA=${DIFFUSIONSEG_DATA:-../shared/data}
 RANDOM_BACKBONE=runs/random_default/backbone.safetensors
 [ -f "$RANDOM_BACKBONE" ] || "$PY" pretrain.py -- --config configs/pretrain_default.toml --method random \
-    --use_bpr false --output_dir runs/random_default
+    --use_bpr false --run-dir runs/random_default
 PROBE=(--probe.steps 200 --probe.patches_per_volume 8 --probe.val_every 50 --probe.window_vox "[48,128,128]")
 "$PY" -m DiffusionSegLib.cli evaluate --data "$DATA/btcv" --regime kfold --folds 5 \
     --largest-component --heads nonlinear --reuse \

@@ -58,10 +58,12 @@ METHODS = {  # row name: (what it is, FinetuneConfig fields)
         "fine-tuned from diffusion + BPR pretraining on the pretraining grid (1.5 x 1.5 x 3 mm, 32 x 96 x 96 patches)",
         {"init": "pretrained", "spacing_mm": (1.5, 1.5, 3.0), "patch_size_vox": (32, 96, 96)}),
     "cohort": (("fine-tuned from diffusion + BPR pretraining, plus the 13 other pool scans unlabeled (labels "
-                "propagated by BPR-started ANTs SyN, kept where the labeled scans agree)"), {"init": "pretrained"}),
+                "propagated by BPR-started ANTs SyN, kept where the labeled scans agree)"),
+               {"init": "pretrained", "pseudo_background_margin_mm": 0.0}),
     "cohort_self": (("fine-tuned from diffusion + BPR pretraining, plus the 13 other pool scans unlabeled "
                      "(self-training: labeled scans alone for half the run, then the network's own labels of "
-                     "probability >= 0.9)"), {"init": "pretrained", "pseudo_labels": "self-training"}),
+                     "probability >= 0.9)"),
+                    {"init": "pretrained", "pseudo_labels": "self-training", "pseudo_background_margin_mm": 0.0}),
     "cohort_margin": (("fine-tuned from diffusion + BPR pretraining, plus the 13 other pool scans unlabeled "
                        "(registration as in cohort; background pseudo-labels within 12 mm of a propagated organ or a "
                        "disagreement left out of the loss)"), {"init": "pretrained", "pseudo_background_margin_mm": 12.0}),
@@ -143,9 +145,20 @@ def runs(args) -> list[dict]:
     return [r for r in rows if not args.only or r["name"] in args.only]
 
 
+def finetune_config(row: dict, device: str):
+    """The fine-tuning settings of a row (its method's fields at the row's budget or steps and seed)."""
+    from DiffusionSegLib.finetune import FinetuneConfig
+
+    budget = {"budget_minutes": 0.0, "steps": row["steps"]} if row.get("steps") else {"budget_minutes": row["budget"]}
+    return FinetuneConfig(**METHODS[row["method"]][1], **budget, seed=row["draw"],
+                          val_volumes=1 if row["regime"] == "full" else 0, device=device)  # fmt: skip
+
+
 def _key(row: dict, cases: list[str], backbone, cfg, unlabeled: list[str]) -> dict:
-    key = {"method": row["method"], "backbone_sha256": backbone.sha256, "cases": cases, "finetune": cfg.to_dict(),
-           "organs": [o.name for o in BTCV_LABELS]}  # fmt: skip
+    """A run's reuse key; the settings as trained (a margin does nothing without unlabeled scans: recorded as 0,
+    as the rows recorded before the 12 mm default are)."""
+    key = {"method": row["method"], "backbone_sha256": backbone.sha256, "cases": cases,
+           "finetune": cfg.as_trained(bool(unlabeled)).to_dict(), "organs": [o.name for o in BTCV_LABELS]}  # fmt: skip
     if unlabeled:  # added after runs were recorded: absent when empty so their keys still match
         key["unlabeled"] = unlabeled
     return key
@@ -208,7 +221,7 @@ def shown_organs(pairs) -> list:
 
 def train(row: dict, cases_by_id: dict, training: list[str], backbone, args) -> tuple[Path, dict]:
     from DiffusionSegLib.data.volume import read_volume
-    from DiffusionSegLib.finetune import FinetuneConfig, finetune
+    from DiffusionSegLib.finetune import finetune
 
     cases = run_cases(row["regime"], row["draw"], training)
     unlabeled = cohort_cases(row, training)
@@ -220,9 +233,7 @@ def train(row: dict, cases_by_id: dict, training: list[str], backbone, args) -> 
         key = {"method": row["method"], "backbone_sha256": backbone.sha256, "cases": cases,
                "probe": probe_config(row, args.device).to_dict(), "organs": [o.name for o in BTCV_LABELS]}  # fmt: skip
     else:
-        budget = {"budget_minutes": 0.0, "steps": row["steps"]} if row.get("steps") else {"budget_minutes": row["budget"]}
-        cfg = FinetuneConfig(**METHODS[row["method"]][1], **budget, seed=row["draw"],
-                             val_volumes=1 if row["regime"] == "full" else 0, device=args.device)  # fmt: skip
+        cfg = finetune_config(row, args.device)
         model, key = folder / "model.safetensors", _key(row, cases, backbone, cfg, unlabeled)
     key_file = folder / "key.json"
     if model.is_file() and key_file.is_file() and json.loads(key_file.read_text()) == key:
@@ -325,17 +336,19 @@ def default_timesteps() -> int | None:
 
 
 def _segmenter(model: Path):
-    """``image -> label map on its grid`` for a run's model file."""
+    """``image -> label map on its grid`` for a run's model file, segmented as ``diffusionseg segment`` does
+    (:data:`DiffusionSegLib.defaults.SEGMENT_OPTIONS`)."""
     if model.suffix == ".pt":
         from monai_unet_baseline import UNetSegmenter
 
         return UNetSegmenter(model)
+    from DiffusionSegLib.defaults import SEGMENT_OPTIONS
     from DiffusionSegLib.pretrain.export import load_backbone
     from DiffusionSegLib.probe import find_probe_backbone, load_probe, segment
 
     backbone = load_backbone(find_probe_backbone(model))
     probe = load_probe(model, backbone)
-    return lambda image: segment(image, probe, backbone, largest_component=True).labels
+    return lambda image: segment(image, probe, backbone, **SEGMENT_OPTIONS).labels
 
 
 def evaluate(model: Path, test_cases: list, external: list) -> dict:

@@ -32,7 +32,7 @@ train() {  # train NAME [pretrain overrides...]
     local name=$1; shift
     [ -f "$RUNS/$name/backbone.safetensors" ] && return 0
     echo "training $name ($STEPS steps)"
-    "$PY" pretrain.py -- --config configs/pretrain_default.toml --output_dir "$RUNS/$name" \
+    "$PY" pretrain.py -- --config configs/pretrain_default.toml --run-dir "$RUNS/$name" \
         --training.steps "$STEPS" --training.progress false ${BPR:+--bpr_weights "$BPR"} "$@"
 }
 

@@ -14,9 +14,11 @@ log = logging.getLogger(__name__)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from DiffusionSegLib.commands import options
+
     parser.add_argument("volume", help="input CT: NIfTI / NRRD / MHA file or a DICOM series folder")
-    parser.add_argument("-o", "--output", required=True, help="output vector volume (.nii.gz, .nrrd or .mha)")
-    parser.add_argument("--weights", default=None, help="BPR weights (default: the shipped bpr_default)")
+    options.add_output(parser, help="output vector volume (.nii.gz, .nrrd or .mha)")
+    options.add_bpr(parser, help="Body Part Regressor weights (default: the shipped bpr_default)", old=("--weights",))
     parser.add_argument("--mode", choices=("monotone", "translation", "affine", "dense"), default=None,
                         help="monotone (default for the slice design): one anatomical offset per slice, "
                              "non-decreasing along z; translation (default for the patch design): physical "
@@ -24,6 +26,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "dense: the network's map itself")
     parser.add_argument("--overlap", type=float, default=0.25, help="sliding-window overlap in [0, 1), patch design (default 0.25)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    options.add_device(parser)
+    options.add_precision(parser)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -39,11 +43,16 @@ def run(args: argparse.Namespace) -> int:
         raise UserInputError(f"--overlap {args.overlap} is invalid; expected a value in [0, 1)")
     if args.threads:
         torch.set_num_threads(args.threads)
-    check_output_path(args.output, what="coordinate map", inputs=(args.volume, args.weights))
+    check_output_path(args.output, what="coordinate map", inputs=(args.volume, args.bpr))
     image = read_ct(args.volume)
-    model, _ = load_bpr(args.weights)
+    model, _ = load_bpr(args.bpr)
+    from DiffusionSegLib.features import resolve_device
+    from DiffusionSegLib.precision import autocast_context
+
+    device = resolve_device(args.device)
     start = time.perf_counter()
-    coordinates = predict_body_coordinates(image, model, mode=args.mode, overlap=args.overlap)
+    with autocast_context(args.precision, device):
+        coordinates = predict_body_coordinates(image, model, mode=args.mode, overlap=args.overlap, device=device)
     seconds = time.perf_counter() - start
     path = write_volume(coordinates, args.output)
     log.info("wrote %s: 3-component anatomical coordinates (mm-equivalent; x R->L, y A->P, z I->S) on the input "

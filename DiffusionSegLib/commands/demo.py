@@ -1,6 +1,7 @@
 """Run the main job on the bundled sample CT with the shipped defaults and say what was written.
 
-The shipped default backbone (diffusion + BPR) and 13-organ BTCV probe segment the sample CT (or ``--input``);
+The shipped 13-organ BTCV model (``finetune_btcv13_default``, fine-tuned end to end from the diffusion + BPR
+backbone) segments the sample CT (or ``--input``) as ``segment`` does (each organ's largest component);
 the demo writes the label map (NIfTI and Slicer ``.seg.nrrd``), the BPR coordinate map and a PNG preview
 (axial and coronal overlays), all on the exact input grid, and prints how long each stage took.
 """
@@ -20,13 +21,16 @@ from DiffusionSegLib.errors import UserInputError
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("-o", "--output-dir", default="diffusionseg-demo", help="folder for the outputs")
+    from DiffusionSegLib.commands import options
+
+    options.add_output(parser, required=False, default="diffusionseg-demo", help="folder for the outputs (default "
+                       "diffusionseg-demo)", old=("--output-dir",))  # fmt: skip
     parser.add_argument("--input", default=None, help="a CT to use instead of the bundled sample")
-    parser.add_argument("--probe", default=None, help="a probe to use instead of the shipped 13-organ probe")
-    parser.add_argument("--backbone", default=None, help="its backbone (default: the one the probe records)")
-    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="where the networks run")
-    parser.add_argument("--precision", choices=("auto", "float32", "bfloat16"), default="auto",
-                        help="network arithmetic (auto: bfloat16 where it is faster and agrees)")
+    parser.add_argument("--probe", default=None, help="a model to use instead of the shipped 13-organ BTCV model "
+                        "(finetune_btcv13_default)")  # fmt: skip
+    options.add_backbone(parser, default=None, help="its backbone (default: the one the model records)")
+    options.add_device(parser)
+    options.add_precision(parser)
 
 
 OUTPUT_NAMES = ("segmentation.nii.gz", "segmentation.seg.nrrd", "coordinates.nii.gz", "preview.png")
@@ -65,7 +69,9 @@ def run(args: argparse.Namespace) -> int:
     from DiffusionSegLib.probe import find_probe_backbone, load_probe, segment, write_segmentation
     from DiffusionSegLib.resources import default_probe_path, sample_ct_path
 
-    out_dir = Path(args.output_dir)
+    from DiffusionSegLib.defaults import SEGMENT_OPTIONS
+
+    out_dir = Path(args.output)
     if out_dir.exists() and not out_dir.is_dir():
         raise UserInputError(f"output folder '{out_dir}' is a file; expected a folder (it is created if missing)")
     for name in OUTPUT_NAMES:
@@ -87,7 +93,7 @@ def run(args: argparse.Namespace) -> int:
           f"{' + BPR' if backbone.use_bpr else ''}), probe {probe_path.name} ({len(probe.labels)} organs, "
           f"{probe.config.head} head)", flush=True)  # fmt: skip
 
-    result = segment(image, probe, backbone, largest_component=True, device=args.device, bpr=bpr,
+    result = segment(image, probe, backbone, **SEGMENT_OPTIONS, device=args.device, bpr=bpr,
                      coordinates=backbone.use_bpr, precision=args.precision)  # the map the backbone was fed; a backbone without BPR has none
     for stage, name in SEGMENT_STAGES.items():
         stages.seconds[name] = result.seconds[stage]

@@ -19,27 +19,31 @@ ACCEPTS_OVERRIDES = True
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from DiffusionSegLib.commands import options
+    from DiffusionSegLib.defaults import LARGEST_COMPONENT
+
     parser.add_argument("--data", required=True, help="dataset folder with labeled cases (e.g. ../shared/data/btcv)")
     parser.add_argument("--label-kind", help="label files of this kind (e.g. organs)")
     parser.add_argument("--backbone", action="append", required=True, metavar="NAME=PATH",
                         help="a backbone to evaluate (repeat); NAME labels its rows")  # fmt: skip
-    parser.add_argument("--regime", choices=("kfold", "fewshot"), default="kfold")
-    parser.add_argument("--folds", type=int, default=5)
+    parser.add_argument("--regime", choices=("kfold", "fewshot"), default="kfold",
+                        help="k-fold cross-validation (default) or few-shot training sets")
+    parser.add_argument("--folds", type=int, default=5, help="folds of the k-fold regime (default 5)")
     parser.add_argument("--shots", type=int, nargs="+", default=[1, 2, 5], help="few-shot training-set sizes")
     parser.add_argument("--repeats", type=int, default=1, help="few-shot draws per size")
     parser.add_argument("--heads", nargs="+", choices=("linear", "nonlinear", "context"), default=["linear", "nonlinear"])
     parser.add_argument("--organs", help="comma-separated organ names to learn and score (default: all in the legend)")
     parser.add_argument("--max-cases", type=int, default=0, help="use only the first N cases (0: all)")
     parser.add_argument("--max-test-cases", type=int, default=0, help="test cases per split (0: all)")
-    parser.add_argument("--largest-component", action="store_true", help="keep each organ's largest component")
-    parser.add_argument("--seed", type=int, default=0)
+    options.add_largest_component(parser, LARGEST_COMPONENT)
+    parser.add_argument("--seed", type=int, default=0, help="seed of the splits and draws (default 0)")
     parser.add_argument("--reuse", action="store_true",
-                        help="save each backbone's results in OUT/per_backbone and reuse those of an earlier run "
+                        help="save each backbone's results in OUTPUT/per_backbone and reuse those of an earlier run "
                              "with the same weights, cases and settings (resume, or add a backbone)")
-    parser.add_argument("-o", "--output-dir", required=True, help="folder for report.json, report.md and plots")
-    parser.add_argument("--precision", choices=("auto", "float32", "bfloat16"), default=None,
-                        help="backbone arithmetic while caching features (default auto: bfloat16 where it is faster "
-                             "and agrees; same as --probe.precision)")  # fmt: skip
+    options.add_output(parser, help="folder for report.json, report.md and plots", old=("--output-dir",))
+    options.add_device(parser, default=None, help="where the networks run: auto (default: a CUDA GPU if present), "
+                       "cpu or cuda (same as --probe.device)")  # fmt: skip
+    options.add_precision(parser, default=None, help=options.PRECISION_HELP + " (same as --probe.precision)")
     parser.epilog = "Probe settings: --probe.steps N, --probe.patch_size_vox '[32,64,64]', --probe.timestep t, ..."
 
 
@@ -56,8 +60,9 @@ def run(args: argparse.Namespace) -> int:
     unknown = sorted(set(overrides) - {"probe"})
     if unknown:
         raise UserInputError(f"unknown override section(s) {unknown}; only --probe.FIELD VALUE is accepted")
-    if args.precision:
-        overrides.setdefault("probe", {})["precision"] = args.precision
+    for name in ("precision", "device"):
+        if getattr(args, name):
+            overrides.setdefault("probe", {})[name] = getattr(args, name)
     probe_config = config_from_dict(ProbeConfig, overrides.get("probe", {}), "probe")
     cases = find_labeled_cases(args.data, args.label_kind)
     if args.max_cases:
@@ -78,10 +83,10 @@ def run(args: argparse.Namespace) -> int:
     cfg = EvaluationConfig(regime=args.regime, folds=args.folds, shots=tuple(args.shots), repeats=args.repeats,
                            max_test_cases=args.max_test_cases, heads=tuple(args.heads), seed=args.seed,
                            largest_component=args.largest_component)  # fmt: skip
-    reuse_dir = Path(args.output_dir) / "per_backbone" if args.reuse else None
+    reuse_dir = Path(args.output) / "per_backbone" if args.reuse else None
     results = evaluate(cases, backbones, cfg, probe_config, organs=organs, progress=log.info, reuse_dir=reuse_dir)
     results["command"] = "diffusionseg evaluate " + " ".join(getattr(args, "argv", []) or [])
-    paths = write_evaluation(results, args.output_dir)
+    paths = write_evaluation(results, args.output)
     for row in results["rows"]:
         log.info("%-24s %-10s %-14s mean Dice %.3f", row["method"], row["probe"], row["regime"], row["mean"]["mean"])
     for kind, path in paths.items():

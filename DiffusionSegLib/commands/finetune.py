@@ -30,19 +30,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     from DiffusionSegLib.commands.train_probe import add_case_arguments
     from DiffusionSegLib.finetune.config import PSEUDO_FUSIONS, PSEUDO_LABELS
 
-    parser.add_argument("--backbone", help="pretrained backbone (default: the shipped diffusion + BPR backbone)")
+    from DiffusionSegLib.commands import options
+    from DiffusionSegLib.defaults import PSEUDO_BACKGROUND_MARGIN_MM
+
+    options.add_backbone(parser, help="pretrained backbone (default: the shipped diffusion + BPR backbone, "
+                         "backbone_default)")  # fmt: skip
     add_case_arguments(parser)
-    parser.add_argument("-o", "--output", required=True, help="model file to write (.safetensors)")
-    parser.add_argument("--run-dir", help="folder for resumable snapshots (default: none)")
+    options.add_output(parser, help="model file to write (.safetensors; its fine-tuned backbone is written beside it)")
+    options.add_run_dir(parser, help="folder for resumable snapshots and registrations; running the same command "
+                        "again resumes (default: none)")  # fmt: skip
     parser.add_argument("--init", choices=("pretrained", "random"), default="pretrained",
                         help="start from the backbone's weights or a random init of its network (default pretrained)")
-    parser.add_argument("--minutes", type=float, default=15.0, help="training budget in minutes (default 15; 0: "
-                        "use --steps)")  # fmt: skip
+    options.add_minutes(parser, default=15.0, help="training budget in minutes (default 15; 0: use --steps)",
+                        old=("--max-minutes",))  # fmt: skip
     parser.add_argument("--steps", type=int, default=0, help="training steps (with --minutes 0), or a cap")
     parser.add_argument("--spacing", type=float, nargs=3, metavar=("X", "Y", "Z"), help="working spacing in mm "
                         "(default 3 3 3)")  # fmt: skip
-    parser.add_argument("--patch", type=int, nargs=3, metavar=("D", "H", "W"), help="training patch in working "
-                        "voxels (default 64 64 64)")  # fmt: skip
+    options.add_patch(parser, help="training patch in working voxels (default 64 64 64)", old=("--patch-size",))
     parser.add_argument("--batch-size", type=int, default=2, help="patches per step (default 2)")
     parser.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (default 1e-3)")
     parser.add_argument("--backbone-lr-scale", type=float, default=1.0, help="backbone learning rate as a share "
@@ -54,10 +58,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--val-every", type=int, default=100, help="steps between validations (default 100)")
     parser.add_argument("--checkpoint-every", type=int, default=50, help="steps between snapshots (default 50)")
     parser.add_argument("--seed", type=int, default=0, help="initialisation / sampling seed (default 0)")
-    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="default: GPU if present")
-    parser.add_argument("--precision", choices=("auto", "float32", "bfloat16"), default="auto",
-                        help="forward-pass arithmetic (default auto: bfloat16 on AMX CPUs and bfloat16 GPUs)")
-    parser.add_argument("--bpr", help="BPR weights for a backbone with coordinates (default: the recorded one)")
+    options.add_device(parser)
+    options.add_precision(parser)
+    options.add_bpr(parser)
     parser.add_argument("--unlabeled", nargs="+", metavar="SCANS", help="unlabeled CTs of the same cohort to learn "
                         "from too: folders, files or glob patterns (see --pseudo-labels)")
     parser.add_argument("--unlabeled-share", type=float, default=0.5, help="share of each batch from the unlabeled "
@@ -73,9 +76,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "registration's labels too; default 0.5)")  # fmt: skip
     parser.add_argument("--pseudo-confidence", type=float, default=0.9, help="self-training keeps voxels predicted "
                         "with at least this probability (default 0.9)")  # fmt: skip
-    parser.add_argument("--pseudo-background-margin", type=float, default=0.0, metavar="MM", help="background "
-                        "pseudo-labels count only farther than this from every pseudo-labeled organ and unsure voxel "
-                        "(default 0: all count)")  # fmt: skip
+    parser.add_argument("--pseudo-background-margin", type=float, default=PSEUDO_BACKGROUND_MARGIN_MM, metavar="MM",
+                        help="background pseudo-labels count only farther than this from every pseudo-labeled organ "
+                        f"and unsure voxel, with --unlabeled (default {PSEUDO_BACKGROUND_MARGIN_MM:g} mm, the measured best; 0: all "
+                        "count)")  # fmt: skip
     parser.add_argument("--registration", choices=("SyN", "SyNRA", "Affine"), default="SyN",
                         help="ANTs registration of labeled to unlabeled scans (default SyN)")
     parser.add_argument("--pseudo-fusion", choices=PSEUDO_FUSIONS, default="agreement",

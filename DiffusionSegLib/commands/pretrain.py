@@ -20,14 +20,19 @@ ACCEPTS_OVERRIDES = True  # unknown --section.field VALUE arguments reach run() 
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from DiffusionSegLib.commands import options
+
     parser.add_argument("--config", help="TOML or JSON file with the settings (sections as in PretrainConfig)")
     parser.add_argument("--method", choices=METHODS, help="override the config's method")
     parser.add_argument("--no-bpr", action="store_true", help="train without the BPR coordinate channels")
-    parser.add_argument("--output-dir", help="override the config's output folder")
-    parser.add_argument("--fresh", action="store_true", help="refuse to resume (fails if a snapshot exists)")
+    options.add_run_dir(parser, help="the run's folder (snapshots, log, backbone.safetensors); overrides the config's "
+                        "output_dir; running again with the same folder resumes", old=("--output-dir",))  # fmt: skip
+    options.add_no_resume(parser, help="refuse to resume (fails if the run folder holds a snapshot)", old=("--fresh",))
     parser.add_argument("--max-steps-this-run", type=int, help="stop after this many steps (resume later)")
-    parser.add_argument("--precision", choices=("auto", "float32", "bfloat16"), help="forward pass arithmetic "
-                        "(default: the config's, auto: bfloat16 where it is faster and agrees)")  # fmt: skip
+    options.add_device(parser, default=None, help="where the network trains: auto (a CUDA GPU if present), cpu or "
+                       "cuda (default: the config's training.device)")  # fmt: skip
+    options.add_precision(parser, default=None, help=options.PRECISION_HELP.replace("auto (default: ", "auto (")
+                          + "; default: the config's training.precision")  # fmt: skip
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     parser.epilog = "Any other --section.field VALUE pair overrides the config, e.g. --training.steps 500."
 
@@ -39,10 +44,11 @@ def build_config(args: argparse.Namespace) -> PretrainConfig:
         overrides["method"] = args.method
     if args.no_bpr:
         overrides["use_bpr"] = False
-    if args.output_dir:
-        overrides["output_dir"] = args.output_dir
-    if getattr(args, "precision", None):
-        overrides.setdefault("training", {})["precision"] = args.precision
+    if getattr(args, "run_dir", None):
+        overrides["output_dir"] = args.run_dir
+    for name in ("precision", "device"):
+        if getattr(args, name, None):
+            overrides.setdefault("training", {})[name] = getattr(args, name)
     return PretrainConfig.from_dict(apply_overrides(data, overrides))
 
 
@@ -53,7 +59,7 @@ def run(args: argparse.Namespace) -> int:
     if args.print_config:
         print(json.dumps(cfg.to_dict(), indent=1))
         return 0
-    result = pretrain_backbone(cfg, resume=not args.fresh, max_steps_this_run=args.max_steps_this_run)
+    result = pretrain_backbone(cfg, resume=not args.no_resume, max_steps_this_run=args.max_steps_this_run)
     if result.weights is not None:
         log.info("pretraining done at step %d: %s", result.step, result.weights)
     else:

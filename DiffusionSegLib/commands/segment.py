@@ -1,8 +1,10 @@
 """Segment a CT with a trained probe; the label map is written exactly on the input grid.
 
 ``OUT.seg.nrrd`` gives a Slicer segmentation (named, coloured segments with terminology); ``OUT.nii.gz`` (or
-``.nrrd``/``.mha``) a plain label map. Without ``--probe`` the shipped 13-organ BTCV probe is used; the backbone
-defaults to the one the probe recorded (or the shipped default backbone when the hashes match).
+``.nrrd``/``.mha``) a plain label map. Without ``--probe`` the shipped 13-organ BTCV model is used
+(``finetune_btcv13_default``, fine-tuned end to end); the backbone defaults to the one the model records (its
+fine-tuned backbone beside it, or a model file with the recorded hash). Each organ keeps its largest connected
+component unless ``--no-largest-component`` is given.
 """
 
 from __future__ import annotations
@@ -14,19 +16,23 @@ log = logging.getLogger(__name__)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from DiffusionSegLib.commands import options
+    from DiffusionSegLib.defaults import LARGEST_COMPONENT
+
     parser.add_argument("volume", help="input CT: NIfTI / NRRD / MHA file or a DICOM series folder")
-    parser.add_argument("--probe", help="probe file from train-probe (default: the shipped 13-organ BTCV probe)")
-    parser.add_argument("--backbone", help="backbone weights (default: the path the probe recorded)")
-    parser.add_argument("-o", "--output", required=True, help="output label map (.seg.nrrd, .nii.gz, .nrrd, .mha)")
-    parser.add_argument("--largest-component", action="store_true", help="keep each organ's largest component")
+    parser.add_argument("--probe", help="model file from train-probe or finetune (default: the shipped 13-organ BTCV "
+                        "model finetune_btcv13_default, fine-tuned end to end)")  # fmt: skip
+    options.add_backbone(parser, help="backbone weights (default: the one the model records)")
+    options.add_output(parser, help="output label map (.seg.nrrd, .nii.gz, .nrrd, .mha)")
+    options.add_largest_component(parser, LARGEST_COMPONENT)
     parser.add_argument("--uncertainty", help="also write an uncertainty map here (disagreement across noise draws "
                         "with --draws > 1, else the normalised entropy)")  # fmt: skip
     parser.add_argument("--draws", type=int, help="noise draws to average (default: the probe's)")
     parser.add_argument("--overlap", type=float, help="sliding-window overlap in [0, 1) (default: the probe's)")
-    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), help="default: the probe's (GPU if present)")
-    parser.add_argument("--bpr", help="BPR weights for a backbone with coordinates (default: the recorded one)")
-    parser.add_argument("--precision", choices=("auto", "float32", "bfloat16"), default="auto",
-                        help="network arithmetic (auto: bfloat16 where it is faster and agrees)")
+    options.add_device(parser, default=None, help="where the networks run: auto, cpu or cuda (default: the "
+                       "model's setting, auto: a CUDA GPU if present)")  # fmt: skip
+    options.add_bpr(parser)
+    options.add_precision(parser)
 
 
 def short_scan_note(image, backbone, feature_config) -> str | None:

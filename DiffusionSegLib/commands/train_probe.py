@@ -32,9 +32,12 @@ def add_case_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--backbone", required=True, help="backbone weights (.safetensors from pretraining)")
+    from DiffusionSegLib.commands import options
+
+    options.add_backbone(parser, help="frozen backbone (.safetensors from pretraining; default: the shipped diffusion "
+                         "+ BPR backbone, backbone_default)")  # fmt: skip
     add_case_arguments(parser)
-    parser.add_argument("-o", "--output", required=True, help="probe file to write (.safetensors)")
+    options.add_output(parser, help="probe file to write (.safetensors)")
     parser.add_argument("--head", choices=("linear", "nonlinear", "context"), default=None,
                         help="probe head: linear, nonlinear (1x1x1 decoder) or context (3x3x3 decoder) (default "
                         "nonlinear)")  # fmt: skip
@@ -51,15 +54,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--noise-seed", type=int, default=0, help="seed of the fixed noise field (default 0)")
     parser.add_argument("--draws", type=int, default=1, help="noise draws (ensemble at inference; default 1)")
     parser.add_argument("--steps", type=int, help="training steps (default 300)")
-    parser.add_argument("--patch", type=int, nargs=3, metavar=("D", "H", "W"), help="training patch in working "
-                        "voxels (default 32 64 64)")  # fmt: skip
+    options.add_patch(parser, help="training patch in working voxels (default 32 64 64)", old=("--patch-size",))
     parser.add_argument("--patches-per-volume", type=int, default=24, help="cached patches per case (default 24)")
     parser.add_argument("--lr", type=float, default=1e-2, help="learning rate (default 1e-2)")
     parser.add_argument("--seed", type=int, default=0, help="sampling / initialisation seed (default 0)")
-    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="default: GPU if present")
-    parser.add_argument("--precision", choices=("auto", "float32", "bfloat16"), default="auto",
-                        help="backbone arithmetic (auto: bfloat16 where it is faster and agrees)")
-    parser.add_argument("--bpr", help="BPR weights for a backbone with coordinates (default: the recorded one)")
+    options.add_device(parser)
+    options.add_precision(parser)
+    options.add_bpr(parser)
 
 
 def _parse_organs(text: str | None) -> list[tuple[str, int | None]] | None:
@@ -177,8 +178,11 @@ def run(args: argparse.Namespace) -> int:
         cfg = ProbeConfig(**options)
     except ValueError as error:
         raise UserInputError(str(error)) from None
-    check_output_path(args.output, (".safetensors",), "probe", case_inputs(args, args.backbone))
-    backbone = load_backbone(args.backbone)
+    from DiffusionSegLib.resources import default_backbone_path
+
+    backbone_path = args.backbone or default_backbone_path()
+    check_output_path(args.output, (".safetensors",), "probe", case_inputs(args, backbone_path))
+    backbone = load_backbone(backbone_path)
     cases, labels, _ = labeled_pairs(args)
     log.info("training a %s probe for %s on %d case(s)", cfg.head, ", ".join(l.name for l in labels), len(cases))
     start = time.perf_counter()

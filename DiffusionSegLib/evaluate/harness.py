@@ -32,6 +32,7 @@ import numpy as np
 
 from DiffusionSegLib.data.datasets import LabeledCase
 from DiffusionSegLib.data.labels import OrganLabel
+from DiffusionSegLib.defaults import LARGEST_COMPONENT
 from DiffusionSegLib.errors import UserInputError
 
 __all__ = ["EvaluationConfig", "evaluate", "make_splits", "reuse_key", "timestep_curves", "write_evaluation"]
@@ -54,8 +55,9 @@ class EvaluationConfig:
     heads: tuple[str, ...] = ("linear", "nonlinear")
     """Probe heads to evaluate."""
     seed: int = 0
-    largest_component: bool = False
-    """Keep each organ's largest connected component before scoring."""
+    largest_component: bool = LARGEST_COMPONENT
+    """Keep each organ's largest connected component before scoring (default on, as ``segment`` does:
+    :data:`DiffusionSegLib.defaults.LARGEST_COMPONENT`)."""
 
     def __post_init__(self) -> None:
         if self.regime == "kfold" and self.folds < 2:

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Literal
 
 from DiffusionSegLib.config import config_from_dict, config_to_dict
+from DiffusionSegLib.defaults import PSEUDO_BACKGROUND_MARGIN_MM
 
 __all__ = ["FinetuneConfig", "INITS", "PSEUDO_LABELS", "REGISTRATIONS"]
 
@@ -101,11 +103,13 @@ class FinetuneConfig:
     pseudo_confidence: float = 0.9
     """Self-training keeps a voxel's predicted class where its softmax probability is at least this; the rest is
     left out of the loss."""
-    pseudo_background_margin_mm: float = 0.0
+    pseudo_background_margin_mm: float = PSEUDO_BACKGROUND_MARGIN_MM
     """Background pseudo-labels are kept only farther than this from every pseudo-labeled organ voxel and every
     unsure voxel (registration: where the atlases disagree; self-training: below ``pseudo_confidence``); nearer,
     they are left out of the loss (:func:`~DiffusionSegLib.cohort.pseudo_labels.ignore_background_near_organs`).
-    0: every background pseudo-label counts."""
+    0: every background pseudo-label counts. Default 12 mm, the measured best
+    (:data:`DiffusionSegLib.defaults.PSEUDO_BACKGROUND_MARGIN_MM`); without unlabeled scans it does nothing, and
+    :meth:`as_trained` records it as 0."""
     pseudo_fusion: str = "agreement"
     """How the registered labeled scans' labels are fused into one pseudo-label map per unlabeled scan:
     ``"agreement"`` (a label where all atlases agree, the rest left out of the loss) or ``"weighted-vote"`` (each
@@ -193,13 +197,25 @@ class FinetuneConfig:
         if not 0 <= self.scale < 1 or self.rotate_deg < 0 or self.intensity_scale < 0 or self.intensity_shift < 0:
             raise ValueError("scale must lie in [0, 1); rotate_deg and the intensity ranges must not be negative")
 
+    def as_trained(self, unlabeled: bool) -> FinetuneConfig:
+        """These settings as a run with (``unlabeled``) or without unlabeled scans uses them: without, the
+        pseudo-label margin does nothing and is recorded as 0 (so the run's record and reuse key say what acted)."""
+        if unlabeled or self.pseudo_background_margin_mm == 0:
+            return self
+        return dataclasses.replace(self, pseudo_background_margin_mm=0.0)
+
     def to_dict(self) -> dict:
         # fields added after runs were recorded: left out at their defaults so the recorded runs' keys still match
-        return config_to_dict(self, omit_at_default=("backbone_lr_scale", "ema_decay", "unlabeled_share",
+        data = config_to_dict(self, omit_at_default=("backbone_lr_scale", "ema_decay", "unlabeled_share",
                                                      "registration", "registration_bpr_start", "pseudo_labels",
                                                      "self_training_start", "pseudo_confidence",
-                                                     "pseudo_background_margin_mm", "pseudo_fusion"))  # fmt: skip
+                                                     "pseudo_fusion"))  # fmt: skip
+        # the margin is written when it is not 0 (its default when runs were first recorded), whatever today's
+        # default: a record without it means 0, one with it the margin it names (12 mm rows keep their keys)
+        if data["pseudo_background_margin_mm"] == 0:
+            del data["pseudo_background_margin_mm"]
+        return data
 
     @classmethod
     def from_dict(cls, data: dict) -> FinetuneConfig:
-        return config_from_dict(cls, data)
+        return config_from_dict(cls, {"pseudo_background_margin_mm": 0.0, **data})  # absent: recorded before 12 mm

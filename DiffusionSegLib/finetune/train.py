@@ -427,7 +427,7 @@ def finetune(cases: Sequence[tuple[sitk.Image, sitk.Image]], labels: Sequence[Or
     from DiffusionSegLib.probe.sampling import prepare_labeled_volume
     from DiffusionSegLib.probe.train import _check_labels, build_head
 
-    cfg = cfg or FinetuneConfig()
+    cfg = (cfg or FinetuneConfig()).as_trained(unlabeled=bool(len(unlabeled)))
     labels = list(labels)
     if not cases:
         raise UserInputError("no labeled cases given; fine-tuning needs at least one CT with its label map")

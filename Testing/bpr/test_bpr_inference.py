@@ -86,7 +86,7 @@ def test_coords_command_writes_the_input_grid(tmp_path, tiny_model):
     image = _oblique_anisotropic(read_volume(data_path(SMALL_CT)))
     sitk.WriteImage(image, str(source))
     out = tmp_path / "coords.nii.gz"
-    assert main(["coords", str(source), "-o", str(out), "--weights", str(weights)]) == 0
+    assert main(["coords", str(source), "-o", str(out), "--bpr", str(weights)]) == 0
     written = sitk.ReadImage(str(out))
     assert same_grid(written, image) and written.GetNumberOfComponentsPerPixel() == 3
     assert main(["coords", str(source), "-o", str(out), "--weights", str(tmp_path / "none.safetensors")]) == 2

@@ -183,14 +183,14 @@ def test_coordinates_on_the_exact_input_grid_and_z_crops_change_nothing(tmp_path
     loaded, cfg = load_bpr(weights)
     assert isinstance(loaded, SliceBodyPartRegressor) and cfg == tiny_slice_model.config
     out = tmp_path / "coords.nii.gz"
-    assert main(["coords", str(data_path(SMALL_CT)), "-o", str(out), "--weights", str(weights)]) == 0
+    assert main(["coords", str(data_path(SMALL_CT)), "-o", str(out), "--bpr", str(weights)]) == 0
     assert same_grid(sitk.ReadImage(str(out)), read_volume(data_path(SMALL_CT)))
 
 
 def test_bpr_train_command_trains_the_slice_design_by_default(tmp_path):
     ct, out = str(data_path(SMALL_CT)), tmp_path / "run"
     tiny = ["--channels", "8", "16", "32", "--scans-per-step", "1", "--quiet"]
-    assert main(["bpr-train", ct, "-o", str(out), "--steps", "2", *tiny]) == 0
+    assert main(["bpr-train", ct, "--run-dir", str(out), "--steps", "2", *tiny]) == 0
     assert load_training_state(out / STATE_NAME)["config"]["design"] == "slice"
     assert isinstance(load_bpr(out / WEIGHTS_NAME)[0], SliceBodyPartRegressor)
-    assert main(["bpr-train", ct, "-o", str(out), "--steps", "2", "--patch-size", "16", "32", "32", *tiny]) == 2
+    assert main(["bpr-train", ct, "--run-dir", str(out), "--steps", "2", "--patch", "16", "32", "32", *tiny]) == 2

@@ -71,13 +71,13 @@ def test_checkpoint_from_before_a_new_config_field_still_resumes(tmp_path):
 
 def test_bpr_train_command_checkpoints_and_resumes(tmp_path, capsys):
     ct, out = str(data_path(SMALL_CT)), tmp_path / "run"
-    tiny = ["--design", "patch", "--patch-size", "16", "32", "32", "--channels", "4", "8", "16", "--points", "16",
+    tiny = ["--design", "patch", "--patch", "16", "32", "32", "--channels", "4", "8", "16", "--points", "16",
             "--batch-pairs", "1", "--quiet"]  # fmt: skip
-    assert main(["bpr-train", ct, "-o", str(out), "--steps", "2", *tiny]) == 0
+    assert main(["bpr-train", ct, "--run-dir", str(out), "--steps", "2", *tiny]) == 0
     assert (out / WEIGHTS_NAME).is_file() and load_training_state(out / STATE_NAME)["step"] == 2
-    assert main(["bpr-train", ct, "-o", str(out), "--steps", "3", "--export", str(tmp_path / "w.safetensors"),
+    assert main(["bpr-train", ct, "--run-dir", str(out), "--steps", "3", "-o", str(tmp_path / "w.safetensors"),
                  *tiny]) == 0  # fmt: skip
     assert load_training_state(out / STATE_NAME)["step"] == 3 and (tmp_path / "w.safetensors").is_file()
     # another config in the same folder is refused, with the difference named
-    assert main(["bpr-train", ct, "-o", str(out), "--steps", "4", "--objective", "distance", *tiny]) == 2
+    assert main(["bpr-train", ct, "--run-dir", str(out), "--steps", "4", "--objective", "distance", *tiny]) == 2
     assert "objective" in capsys.readouterr().err

@@ -82,7 +82,7 @@ COMMANDS = {
         ["finetune", "--backbone", "m.backbone.safetensors", "--case", "ct.nii.gz", "labels.nii.gz", "--organs",
          "liver=5", "-o", "m.safetensors"], "it is the input"),
     "demo over its input": (["demo", "--input", "sub/segmentation.nii.gz", "-o", "sub"], "it is the input"),
-    "bpr-train export over a training CT": (["bpr-train", "ct.nii.gz", "-o", "runs", "--export", "ct.nii.gz"],
+    "bpr-train export over a training CT": (["bpr-train", "ct.nii.gz", "--run-dir", "runs", "-o", "ct.nii.gz"],
                                             "it is the input"),
 }  # fmt: skip
 

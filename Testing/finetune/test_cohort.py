@@ -234,8 +234,16 @@ def test_cancel_during_registration_and_resume_reuse_registrations_and_the_snaps
     assert resumed.seconds["cohort"] >= resumed.seconds["registration"]
 
 
-def test_finetune_command_learns_from_the_unlabeled_scans_of_a_folder(ants, backbone, tmp_path):
+def test_finetune_command_learns_from_the_unlabeled_scans_of_a_folder(ants, backbone, tmp_path, monkeypatch):
+    """With ``--unlabeled`` and no other cohort option, training leaves out the background pseudo-labels within
+    12 mm of an organ (the measured best margin), and the model records it; without unlabeled scans the margin
+    does nothing and is recorded as 0."""
+    import DiffusionSegLib.cohort.pseudo_labels as pseudo
     from DiffusionSegLib.cli import main
+
+    margins, real = [], pseudo.ignore_background_near_organs
+    monkeypatch.setattr(pseudo, "ignore_background_near_organs",
+                        lambda classes, margin, *a, **k: margins.append(margin) or real(classes, margin, *a, **k))
 
     ct, labels = str(data_path("btcv/btcv_0001_ct.nii.gz")), str(data_path("btcv/btcv_0001_labels.nii.gz"))
     legend = str(data_path("btcv/btcv_legend.json"))
@@ -251,6 +259,11 @@ def test_finetune_command_learns_from_the_unlabeled_scans_of_a_folder(ants, back
     record = read_probe_config(model)["finetune"]
     assert record["cases"] == [ct] + [f"unlabeled: {cohort / f'btcv_{c}_ct.nii.gz'}" for c in ("0002", "0003")]
     assert len(list((tmp_path / "run" / "registrations").glob("*.npz"))) == 2
+    assert margins == [12.0, 12.0]  # the margin the training applied to each unlabeled scan's pseudo-labels
+    assert record["finetune"]["pseudo_background_margin_mm"] == 12.0
+    labeled_only = tmp_path / "labeled_only.safetensors"
+    assert main([*common[: common.index("--unlabeled")], "-o", str(labeled_only)]) == 0
+    assert "pseudo_background_margin_mm" not in read_probe_config(labeled_only)["finetune"]["finetune"]
 
 
 def test_self_training_labels_the_unlabeled_scans_itself_without_registration_and_resumes(backbone, tmp_path,

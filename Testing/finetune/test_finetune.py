@@ -219,5 +219,13 @@ def test_new_settings_at_their_defaults_leave_recorded_run_keys_unchanged():
     changed = FinetuneConfig(ema_decay=0.995, backbone_lr_scale=0.1).to_dict()
     assert changed["ema_decay"] == 0.995 and changed["backbone_lr_scale"] == 0.1
     assert FinetuneConfig.from_dict(changed) == FinetuneConfig(ema_decay=0.995, backbone_lr_scale=0.1)
+    # the 12 mm margin default: written while it is not 0; a record without it means 0 (recorded before it);
+    # without unlabeled scans a run records none (it does nothing there)
+    assert FinetuneConfig().pseudo_background_margin_mm == 12.0 == recorded["pseudo_background_margin_mm"]
+    assert FinetuneConfig.from_dict(recorded) == FinetuneConfig()
+    labeled_only = FinetuneConfig().as_trained(unlabeled=False)
+    assert "pseudo_background_margin_mm" not in labeled_only.to_dict()
+    assert FinetuneConfig.from_dict(labeled_only.to_dict()) == labeled_only == FinetuneConfig(pseudo_background_margin_mm=0)
+    assert FinetuneConfig().as_trained(unlabeled=True) == FinetuneConfig()
     with pytest.raises(ValueError, match="ema_decay"):
         FinetuneConfig(ema_decay=1.0)

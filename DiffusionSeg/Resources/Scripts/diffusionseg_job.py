@@ -52,13 +52,15 @@ def _segment(job: dict, report: ProgressCallback, should_stop: Callable[[], bool
     from DiffusionSegLib.pretrain.export import load_backbone
     from DiffusionSegLib.probe import load_probe, segment
 
+    from DiffusionSegLib.defaults import SEGMENT_OPTIONS
+
     image = read_ct(job["image"], "the input volume")
     report(0.0, "loading the backbone and the probe")
     backbone = load_backbone(job["backbone"])
     probe = load_probe(job["probe"], backbone)
-    result = segment(image, probe, backbone, device=_device(job), largest_component=bool(job.get("largest_component")),
-                     precision=job.get("precision", "auto"), progress_callback=report,
-                     should_stop=should_stop)  # fmt: skip
+    options = {**SEGMENT_OPTIONS, **{k: job[k] for k in SEGMENT_OPTIONS if k in job}}  # as `diffusionseg segment`
+    result = segment(image, probe, backbone, device=_device(job), precision=job.get("precision", "auto"),
+                     progress_callback=report, should_stop=should_stop, **options)  # fmt: skip
     write_volume(result.labels, job["output_labels"])
     Path(job["output_legend"]).write_text(json.dumps(labels_to_json(result.organs)))
     view = result.field_of_view.describe() if result.field_of_view is not None else None
