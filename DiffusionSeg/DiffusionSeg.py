@@ -90,6 +90,16 @@ REQUIREMENTS_FILE = MODULE_DIR / "Resources" / "requirements.txt"
 COHORT_REQUIREMENTS_FILE = MODULE_DIR / "Resources" / "requirements-cohort.txt"
 """Needed only to learn from unlabeled volumes (registration): asked for when such volumes are checked."""
 PROGRESS_PREFIX, RESULT_PREFIX, ERROR_PREFIX = "DIFFUSIONSEG_PROGRESS", "DIFFUSIONSEG_RESULT", "DIFFUSIONSEG_ERROR"
+ORIENTATION_PREFIX = "DIFFUSIONSEG_ORIENTATION"
+
+
+class OrientationRefused(RuntimeError):
+    """A background job refused its volume: the anatomy says ``axes`` are mirrored against the volume's geometry;
+    the module offers to segment it again with ``orientation="fix"``."""
+
+    def __init__(self, message: str, axes: list[str]) -> None:
+        super().__init__(message)
+        self.axes = list(axes)
 IMPORT_NAMES = {"scikit-image": "skimage", "pyyaml": "yaml", "antspyx": "ants"}  # pip name -> import name where they differ
 
 
@@ -493,6 +503,10 @@ class DiffusionSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return
         try:
             result = self.logic.complete(task)
+        except OrientationRefused as error:  # the status line says why; a dialog offers the fix
+            self._done(f"{task.kind} refused: {error}")
+            self._offerOrientationFix(error)
+            return
         except Exception as error:  # shown to the user; the scene is unchanged
             self._done(f"{task.kind} failed: {error}")
             slicer.util.errorDisplay(f"DiffusionSeg {task.kind} failed:\n{error}")
@@ -512,6 +526,20 @@ class DiffusionSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         elif task.kind in ("train-probe", "finetune"):
             self.refreshProbes(selectPath=str(result))
         self._done(f"{task.kind}: done.")
+
+    def _offerOrientationFix(self, error: OrientationRefused) -> None:
+        """Ask whether to segment the volume mirrored to match its anatomy (the result lands on the volume as it
+        is); yes starts that run."""
+        axes = " and ".join(error.axes)
+        question = (f"{error}\n\nThe anatomy says {axes} is mirrored against this volume's geometry. Segment it "
+                    "mirrored to match the anatomy? The segmentation is placed on the volume as it is; better still, "
+                    "fix the volume's geometry.")  # fmt: skip
+        if not slicer.util.confirmYesNoDisplay(question, windowTitle="DiffusionSeg: orientation"):
+            return
+        p = self._parameterNode
+        self._start(lambda: self.logic.prepareSegment(p.inputVolume, self.ui.probeSelector.currentData,
+                                                      p.backbonePath or None, p.outputSegmentation,
+                                                      self._device(), orientation="fix"))  # fmt: skip
 
     def _done(self, message: str) -> None:
         self.timer.stop()
@@ -631,11 +659,15 @@ class DiffusionSegLogic(ScriptedLoadableModuleLogic):
         return str(path)
 
     def prepareSegment(self, volumeNode, probePath, backbonePath=None, outputSegmentationNode=None,
-                       device: str = "cpu", largestComponent: bool | None = None) -> DiffusionSegTask:  # fmt: skip
+                       device: str = "cpu", largestComponent: bool | None = None,
+                       orientation: str = "check") -> DiffusionSegTask:  # fmt: skip
         """Segment the probe's organs in ``volumeNode``; the result goes to ``outputSegmentationNode`` if given
         (overwritten), else to a new segmentation node named after the volume. ``largestComponent``: keep each
         organ's largest connected component (default: as ``diffusionseg segment``,
-        ``DiffusionSegLib.defaults.LARGEST_COMPONENT``)."""
+        ``DiffusionSegLib.defaults.LARGEST_COMPONENT``). ``orientation``: ``"check"`` refuses a volume whose
+        anatomy says it is mirrored against its geometry (:class:`OrientationRefused` from :meth:`complete`,
+        ``OrientationMismatch`` from :meth:`run`), ``"fix"`` segments it mirrored to match the anatomy (the
+        result lands on the volume as it is), ``"trust-header"`` skips the check."""
         from DiffusionSegLib.defaults import LARGEST_COMPONENT
 
         if not probePath:
@@ -644,7 +676,7 @@ class DiffusionSegLogic(ScriptedLoadableModuleLogic):
         folder = Path(tempfile.mkdtemp(prefix="DiffusionSeg-"))
         job = {"_tempDir": folder, "image": self._writeVolume(volumeNode, folder, "input"), "probe": str(probePath),
                "backbone": str(backbone), "output_labels": str(folder / "labels.nrrd"),
-               "output_legend": str(folder / "labels.json"),
+               "output_legend": str(folder / "labels.json"), "orientation": orientation,
                "largest_component": LARGEST_COMPONENT if largestComponent is None
                else bool(largestComponent)}  # fmt: skip
 
@@ -857,6 +889,10 @@ class DiffusionSegLogic(ScriptedLoadableModuleLogic):
             results = [line for line in task.output if line.startswith(RESULT_PREFIX)]
             if code != 0 or not results:
                 errors = [line[len(ERROR_PREFIX):].strip() for line in task.output if line.startswith(ERROR_PREFIX)]
+                mirrored = [line[len(ORIENTATION_PREFIX):].strip() for line in task.output
+                            if line.startswith(ORIENTATION_PREFIX)]  # fmt: skip
+                if mirrored and errors:
+                    raise OrientationRefused(errors[-1], json.loads(mirrored[-1]))
                 raise RuntimeError(errors[-1] if errors else f"the background process failed (exit status {code}):\n"
                                    + "\n".join(task.output[-15:]))  # fmt: skip
             return task.finish(json.loads(results[-1][len(RESULT_PREFIX):]))
@@ -880,10 +916,12 @@ class DiffusionSegLogic(ScriptedLoadableModuleLogic):
     # -- one-call versions --------------------------------------------------------------------------------------
 
     def segment(self, volumeNode, probePath, backbonePath=None, outputSegmentationNode=None, device: str = "cpu",
-                progressCallback=None, shouldStop=None, largestComponent: bool | None = None):  # fmt: skip
-        """Segment ``volumeNode`` with a probe (blocking); returns the segmentation node."""
+                progressCallback=None, shouldStop=None, largestComponent: bool | None = None,
+                orientation: str = "check"):  # fmt: skip
+        """Segment ``volumeNode`` with a probe (blocking); returns the segmentation node. ``orientation``: see
+        :meth:`prepareSegment`."""
         task = self.prepareSegment(volumeNode, probePath, backbonePath, outputSegmentationNode, device,
-                                   largestComponent)  # fmt: skip
+                                   largestComponent, orientation)  # fmt: skip
         return self.run(task, progressCallback, shouldStop)
 
     def showCoordinates(self, volumeNode, outputNode=None, bprPath=None, device: str = "cpu"):

@@ -152,13 +152,26 @@ def _positions_mm(shape, spacing_mm) -> torch.Tensor:
     return torch.stack([xx, yy, zz])
 
 
+def working_slice_offsets(hu: torch.Tensor, model: SliceBodyPartRegressor, device="cpu") -> torch.Tensor:
+    """Slice design: every working slice's offset ``(D, 3)`` (anatomical coordinates of its crop, centred on the
+    body in that slice, minus the crop's position); ``hu``: ``(1, 1, D, H, W)`` on the BPR's grid. The network's
+    per-slice z (``offset[:, 2]`` plus the slice's position) is the slice's own anatomical level, before any
+    fitting along z: the orientation check reads its slope, the coordinates are built from it."""
+    cfg = model.config
+    volume = TrainingVolume.from_array(hu[0, 0], cfg.spacing_mm, cfg.window_hu, cfg.pool_zyx)
+    return slice_offsets(model, volume, body_crop_centres_mm(hu[0, 0], cfg.spacing_mm), device)
+
+
+def slice_coordinates_from_offsets(offset: torch.Tensor, shape, spacing_mm) -> torch.Tensor:
+    """The slice design's dense map ``(1, 3, D, H, W)``: each voxel's position plus its slice's offset."""
+    return (_positions_mm(shape, spacing_mm) + offset.T[:, :, None, None])[None]
+
+
 def _slice_coordinates(hu: torch.Tensor, model: SliceBodyPartRegressor, device) -> torch.Tensor:
     """Slice design: every working slice's crop (centred on the body in that slice) gives its offset; a voxel's
     coordinates are its position plus its slice's offset. ``(1, 3, D, H, W)``."""
-    cfg = model.config
-    volume = TrainingVolume.from_array(hu[0, 0], cfg.spacing_mm, cfg.window_hu, cfg.pool_zyx)
-    offset = slice_offsets(model, volume, body_crop_centres_mm(hu[0, 0], cfg.spacing_mm), device)  # (D, 3)
-    return (_positions_mm(hu.shape[-3:], cfg.spacing_mm) + offset.T[:, :, None, None])[None]
+    offset = working_slice_offsets(hu, model, device)  # (D, 3)
+    return slice_coordinates_from_offsets(offset, hu.shape[-3:], model.config.spacing_mm)
 
 
 def default_mode(model: AnyBPR) -> str:

@@ -9,6 +9,9 @@ from __future__ import annotations
 import argparse
 import logging
 import time
+from pathlib import Path
+
+from DiffusionSegLib.preprocess.orientation import add_orientation_argument
 
 log = logging.getLogger(__name__)
 
@@ -28,6 +31,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     options.add_device(parser)
     options.add_precision(parser)
+    add_orientation_argument(parser)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -38,13 +42,15 @@ def run(args: argparse.Namespace) -> int:
     from DiffusionSegLib.data.gate import check_output_path, read_ct
     from DiffusionSegLib.data.volume import write_volume
     from DiffusionSegLib.errors import UserInputError
+    from DiffusionSegLib.preprocess.orientation import check_orientation, mirror_image
 
     if not 0 <= args.overlap < 1:
         raise UserInputError(f"--overlap {args.overlap} is invalid; expected a value in [0, 1)")
     if args.threads:
         torch.set_num_threads(args.threads)
     check_output_path(args.output, what="coordinate map", inputs=(args.volume, args.bpr))
-    image = read_ct(args.volume)
+    given = read_ct(args.volume)
+    image, _, mirrored = check_orientation(given, args.orientation, f"'{Path(args.volume).name}'")
     model, _ = load_bpr(args.bpr)
     from DiffusionSegLib.features import resolve_device
     from DiffusionSegLib.precision import autocast_context
@@ -53,6 +59,9 @@ def run(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     with autocast_context(args.precision, device):
         coordinates = predict_body_coordinates(image, model, mode=args.mode, overlap=args.overlap, device=device)
+    if mirrored:  # computed on the voxels mirrored to match the anatomy: back onto the input grid as given
+        coordinates = mirror_image(coordinates, mirrored)
+        coordinates.CopyInformation(given)
     seconds = time.perf_counter() - start
     path = write_volume(coordinates, args.output)
     log.info("wrote %s: 3-component anatomical coordinates (mm-equivalent; x R->L, y A->P, z I->S) on the input "

@@ -93,6 +93,7 @@ def run(args: argparse.Namespace) -> int:
     from DiffusionSegLib.commands.train_probe import case_inputs, labeled_pairs
     from DiffusionSegLib.data.gate import check_output_path, read_ct
     from DiffusionSegLib.errors import UserInputError
+    from DiffusionSegLib.preprocess.orientation import check_orientation
     from DiffusionSegLib.finetune import FinetuneConfig, backbone_output_path, finetune
     from DiffusionSegLib.pretrain.export import load_backbone
     from DiffusionSegLib.resources import default_backbone_path
@@ -128,7 +129,8 @@ def run(args: argparse.Namespace) -> int:
     backbone = load_backbone(args.backbone or default_backbone_path())
     cases, labels, names = labeled_pairs(args)
     unlabeled_paths = [p for p in unlabeled_paths if p.resolve() not in {Path(n).resolve() for n in names}]
-    unlabeled = [read_ct(p, f"unlabeled scan '{p.name}'") for p in unlabeled_paths]
+    unlabeled = [check_orientation(read_ct(p, f"unlabeled scan '{p.name}'"), args.orientation,
+                                   f"unlabeled scan '{p.name}'")[0] for p in unlabeled_paths]  # fmt: skip
     unlabeled_names = [str(p) for p in unlabeled_paths]
     if unlabeled:
         log.info("learning from %d unlabeled scan(s) too", len(unlabeled))

@@ -11,6 +11,9 @@ from __future__ import annotations
 
 import argparse
 import logging
+from pathlib import Path
+
+from DiffusionSegLib.preprocess.orientation import add_orientation_argument
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +36,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        "model's setting, auto: a CUDA GPU if present)")  # fmt: skip
     options.add_bpr(parser)
     options.add_precision(parser)
+    add_orientation_argument(parser)
 
 
 def short_scan_note(image, backbone, feature_config) -> str | None:
@@ -79,7 +83,8 @@ def run(args: argparse.Namespace) -> int:
         log.warning("%s %s", f"'{args.volume}'", note)
     result = segment(image, probe, backbone, largest_component=args.largest_component,
                      uncertainty=bool(args.uncertainty), num_noise_draws=args.draws, overlap=args.overlap,
-                     device=args.device, bpr=args.bpr, precision=args.precision)  # fmt: skip
+                     device=args.device, bpr=args.bpr, precision=args.precision, orientation=args.orientation,
+                     name=f"'{Path(args.volume).name}'")  # fmt: skip
     path = write_segmentation(result, args.output)
     log.info("wrote %s: %s in %.1f s", path, ", ".join(o.name for o in result.organs), result.seconds["total"])
     if result.field_of_view is not None:

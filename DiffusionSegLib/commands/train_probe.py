@@ -11,8 +11,11 @@ from __future__ import annotations
 import argparse
 import logging
 import time
+from pathlib import Path
 
 import numpy as np
+
+from DiffusionSegLib.preprocess.orientation import add_orientation_argument
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +32,7 @@ def add_case_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--organs", help="organs to learn: 'liver,spleen' (ids from the legend) or 'liver=6,spleen=1'; "
                         "default: every organ of the legend")  # fmt: skip
     parser.add_argument("--max-cases", type=int, default=0, help="with --data: use the first N cases (0: all)")
+    add_orientation_argument(parser, "CTs (labeled and unlabeled)")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -136,6 +140,7 @@ def labeled_pairs(args: argparse.Namespace):
     from DiffusionSegLib.data.gate import read_ct, read_label_map
     from DiffusionSegLib.data.labels import read_legend
     from DiffusionSegLib.errors import UserInputError
+    from DiffusionSegLib.preprocess.orientation import check_orientation
 
     organs = _parse_organs(args.organs)
     legend = read_legend(args.labels_legend) if args.labels_legend else None
@@ -153,7 +158,10 @@ def labeled_pairs(args: argparse.Namespace):
     cases = []
     for ct_path, seg, case_legend in pairs:
         ct = read_ct(ct_path)
-        cases.append((ct, _remap(read_label_map(seg, ct, case_legend or None), case_legend, labels)))
+        label_map = read_label_map(seg, ct, case_legend or None)
+        ct, label_map, _ = check_orientation(ct, getattr(args, "orientation", "check"), f"'{Path(ct_path).name}'",
+                                             label_map)  # fmt: skip
+        cases.append((ct, _remap(label_map, case_legend, labels)))
     return cases, labels, [str(ct) for ct, _, _ in pairs]
 
 

@@ -3,7 +3,7 @@ functions before any work, so a bad input is refused in one line (what was wrong
 nothing is written.
 
 * :func:`read_ct`: readable and not damaged (:mod:`~DiffusionSegLib.data.integrity`), 3D, scalar, positive
-  spacing, finite (NIfTI NaNs included, which ITK hides), not constant, CT-like intensities with spatial
+  spacing, a direction matrix that is a rotation (:func:`check_direction`: a NIfTI's sform too), finite (NIfTI NaNs included, which ITK hides), not constant, CT-like intensities with spatial
   structure (see :func:`~DiffusionSegLib.data.volume.check_ct`), at least :data:`MIN_EXTENT_MM` along every axis;
 * :func:`read_label_map`: on its CT's grid, integer ids, only ids its legend names;
 * :func:`check_output_path`: a known suffix in a folder that exists and can be written, and not one of the
@@ -24,7 +24,7 @@ from DiffusionSegLib.data.labels import OrganLabel
 from DiffusionSegLib.data.volume import WRITE_SUFFIXES, check_ct, check_label_map, read_volume
 from DiffusionSegLib.errors import UserInputError
 
-__all__ = ["MAX_EXTENT_MM", "MIN_EXTENT_MM", "check_extent", "check_label_ids", "check_output_path", "read_ct", "read_label_map",
+__all__ = ["MAX_EXTENT_MM", "MIN_EXTENT_MM", "check_direction", "check_extent", "check_label_ids", "check_output_path", "read_ct", "read_label_map",
            "refuse_writing_over", "same_file"]
 
 
@@ -38,9 +38,76 @@ def read_ct(path: str | os.PathLike, name: str | None = None) -> sitk.Image:
     """Read a CT and refuse it unless the pipeline can use it (see the module docstring)."""
     image = read_volume(path)
     name = name or f"'{Path(path).name}'"
+    check_direction(image, name, path)
     check_ct(image, name)
     check_extent(image, name)
     return image
+
+
+SHEAR_TOLERANCE = 1e-3
+"""The largest cosine between two of a CT's axes (0.06 degrees from square): a rounding of a rotation stays far
+below it, a sheared header far above."""
+
+
+def _shear(matrix: np.ndarray) -> tuple[int, int, float] | None:
+    """The most skewed pair of axes (columns) of a 3x3 matrix and their angle in degrees, or None when they are
+    orthogonal within :data:`SHEAR_TOLERANCE` (columns are normalised: voxel sizes do not count)."""
+    norms = np.linalg.norm(matrix, axis=0)
+    if not np.all(np.isfinite(matrix)) or np.any(norms == 0):
+        return (0, 1, float("nan"))
+    unit = matrix / norms
+    gram = unit.T @ unit
+    worst, pair = 0.0, (0, 1)
+    for a, b in ((0, 1), (0, 2), (1, 2)):
+        if abs(gram[a, b]) > worst:
+            worst, pair = abs(gram[a, b]), (a, b)
+    if worst <= SHEAR_TOLERANCE:
+        return None
+    return (*pair, float(np.degrees(np.arccos(np.clip(gram[pair], -1.0, 1.0)))))
+
+
+def _nifti_sform(path: Path) -> np.ndarray | None:
+    """The 3x3 part of a NIfTI file's sform when its sform_code says it is used, else None."""
+    import struct
+
+    from DiffusionSegLib.data.integrity import gunzip
+
+    name = path.name.lower()
+    if not path.is_file() or not name.endswith((".nii", ".nii.gz")):
+        return None
+    with open(path, "rb") as handle:
+        head = handle.read(348 if name.endswith(".nii") else 1 << 16)
+    if head[:2] == b"\x1f\x8b":
+        import zlib
+
+        head = zlib.decompressobj(16 + zlib.MAX_WBITS).decompress(head, 348)
+    if len(head) < 348:
+        return None
+    for endian in "<>":
+        if struct.unpack(f"{endian}i", head[:4])[0] == 348:
+            if struct.unpack(f"{endian}h", head[254:256])[0] <= 0:
+                return None
+            rows = struct.unpack(f"{endian}12f", head[280:328])
+            return np.asarray(rows, dtype=np.float64).reshape(3, 4)[:, :3]
+    return None
+
+
+def check_direction(image: sitk.Image, name: str = "CT", path: str | os.PathLike | None = None) -> None:
+    """Refuse a direction matrix that is not a rotation (sheared axes): the image's own (NRRD, MHA), and a NIfTI
+    file's sform, which ITK silently replaces by the qform when it is sheared."""
+    what = None
+    skew = _shear(np.asarray(image.GetDirection(), dtype=np.float64).reshape(3, 3))
+    if skew is not None:
+        what = "direction matrix"
+    elif path is not None:
+        sform = _nifti_sform(Path(path))
+        skew = _shear(sform) if sform is not None else None
+        what = "sform (which ITK would silently replace by the qform)" if skew is not None else None
+    if skew is not None:
+        a, b, angle = skew
+        raise UserInputError(f"{name}: its {what} is not a rotation: axes {'ijk'[a]} and {'ijk'[b]} meet at "
+                             f"{angle:.1f} degrees; expected orthogonal axes (a sheared or damaged header): fix the "
+                             "header")  # fmt: skip
 
 
 MAX_EXTENT_MM = 3000.0

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import SimpleITK as sitk
 
-__all__ = ["FieldOfView", "BodyAxis", "SlabZ", "organ_z_ranges", "record_field_of_view", "body_axis_for",
+__all__ = ["FieldOfView", "BodyAxis", "SliceScores", "SlabZ", "organ_z_ranges", "record_field_of_view", "body_axis_for",
            "apply_field_of_view", "DEFAULT_MARGIN_MM"]
 
 DEFAULT_MARGIN_MM = 30.0
@@ -78,22 +78,53 @@ class BodyAxis:
         z.CopyInformation(prepared.image)
         return sitk.GetArrayFromImage(to_input_grid(z, prepared, "linear", 0.0))
 
-    def slab_map(self, image: sitk.Image, like=None) -> SlabZ | np.ndarray:
-        """The body-axis coordinate on ``image``'s grid as :meth:`z_map`, held as a :class:`SlabZ` (one value per
-        slice) where the map allows it, else the full array. ``like``: a ``PreparedVolume`` of the same image
-        (its body box is reused)."""
-        from DiffusionSegLib.bpr import predict_working_coordinates
-        from DiffusionSegLib.preprocess import PreprocessConfig, prepare_volume, to_input_grid
+    def slice_scores(self, image: sitk.Image, like=None) -> SliceScores:
+        """The BPR's working grid of ``image`` and the network's offset of each working slice (what
+        :meth:`slab_map` and the orientation check both read; computed once). ``like``: a ``PreparedVolume`` of
+        the same image (its body box is reused)."""
+        from DiffusionSegLib.bpr.inference import _working_tensor, working_slice_offsets
+        from DiffusionSegLib.preprocess import PreprocessConfig, prepare_volume
 
         prepared = prepare_volume(image, PreprocessConfig(spacing_mm=self.model.config.spacing_mm), like=like)
-        working = np.ascontiguousarray(predict_working_coordinates(prepared.image, self.model)[0, 2].numpy(),
+        hu = _working_tensor(prepared.image)
+        return SliceScores(prepared, hu, working_slice_offsets(hu, self.model), self.sha256)
+
+    def slab_map(self, image: sitk.Image, like=None, scores: SliceScores | None = None) -> SlabZ | np.ndarray:
+        """The body-axis coordinate on ``image``'s grid as :meth:`z_map`, held as a :class:`SlabZ` (one value per
+        slice) where the map allows it, else the full array. ``like``: a ``PreparedVolume`` of the same image
+        (its body box is reused); ``scores``: :meth:`slice_scores` of this image, when already computed."""
+        from DiffusionSegLib.bpr.inference import _aggregate, slice_coordinates_from_offsets
+        from DiffusionSegLib.preprocess import to_input_grid
+
+        scores = scores if scores is not None and scores.sha256 == self.sha256 else self.slice_scores(image, like)
+        prepared, spacing = scores.prepared, self.model.config.spacing_mm
+        dense = slice_coordinates_from_offsets(scores.offsets, scores.hu.shape[-3:], spacing)
+        working = np.ascontiguousarray(_aggregate(dense, scores.hu, spacing, "monotone")[0, 2].numpy(),
                                        dtype=np.float32)  # fmt: skip
+        del dense
         slab = _slab_z(working, prepared)
         if slab is not None:
             return slab
         z = sitk.GetImageFromArray(working)
         z.CopyInformation(prepared.image)
         return sitk.GetArrayFromImage(to_input_grid(z, prepared, "linear", 0.0))
+
+
+@dataclass
+class SliceScores:
+    """The slice BPR's reading of one CT: its working grid (``prepared``, ``hu`` as ``(1, 1, D, H, W)``), the
+    offset ``(D, 3)`` of each working slice and the BPR's hash."""
+
+    prepared: object
+    hu: object
+    offsets: object
+    sha256: str
+
+    @property
+    def slice_z(self) -> np.ndarray:
+        """The network's anatomical z (mm) of each working slice, before the monotone fit."""
+        position = np.arange(self.offsets.shape[0]) * float(self.prepared.image.GetSpacing()[2])
+        return self.offsets[:, 2].double().numpy() + position
 
 
 @dataclass

@@ -53,8 +53,10 @@ class SegmentationResult:
             disagreeing with the ensemble ("disagreement"), else the normalised entropy of the class
             probabilities in [0, 1] ("entropy").
         uncertainty_kind: "disagreement", "entropy" or None.
-        seconds: wall time per stage (prepare, bpr, features, field_of_view, to_input_grid, cleanup, total);
-            ``bpr`` holds the BPR coordinates and the network inputs built from them.
+        seconds: wall time per stage (prepare, slice_bpr, orientation, bpr, features, field_of_view,
+            to_input_grid, cleanup, total); ``bpr`` holds the BPR coordinates and the network inputs built from
+            them, ``slice_bpr`` the slice BPR's reading that the orientation check and the field of view share,
+            ``orientation`` the check's cues.
         working_size: (x, y, z) size of the working grid.
         coordinates: with ``segment(..., coordinates=True)``, the BPR coordinate map the backbone was fed, on the
             input grid (3 components, mm-equivalent, as ``predict_body_coordinates`` gives); else None.
@@ -63,6 +65,8 @@ class SegmentationResult:
         not_found: the probe's organs (in view) with no voxels, or only specks below :data:`MIN_ORGAN_ML`;
             they are not in ``organs`` either, so ``organs`` lists exactly the segments that hold voxels.
         precision: the arithmetic the network ran in (``"float32"`` or ``"bfloat16"``).
+        mirrored_axes: with ``orientation="fix"``, the input's index axes (0 i, 1 j, 2 k) its voxels were mirrored
+            along to match the anatomy (the result is mirrored back onto the input grid); else empty.
     """
 
     labels: sitk.Image
@@ -75,6 +79,7 @@ class SegmentationResult:
     field_of_view: FieldOfView | None = None
     not_found: list[str] = field(default_factory=list)
     precision: str = "float32"
+    mirrored_axes: list[int] = field(default_factory=list)
 
 
 def _count_windows(shape, roi, overlap: float) -> int:
@@ -140,9 +145,11 @@ def _coordinates_on_input(inputs, prepared) -> sitk.Image:
     return to_input_grid(coordinates_to_image(working, prepared.image), prepared, "linear", 0.0)
 
 
-def _body_axis_maps(image: sitk.Image, probes, report, reference_path: bool = False, prepared=None) -> dict:
+def _body_axis_maps(image: sitk.Image, probes, report, reference_path: bool = False, prepared=None,
+                    scores=None) -> dict:  # fmt: skip
     """Per BPR hash, the body-axis coordinate of the input grid for the probes that recorded where their organs
-    lie (computed once per BPR); probes whose BPR is not installed get none (and a log line)."""
+    lie (computed once per BPR); probes whose BPR is not installed get none (and a log line). ``scores``: the
+    slice BPR's reading of ``image`` when the orientation check already made it (reused, not recomputed)."""
     from DiffusionSegLib.probe.extent import body_axis_for
 
     maps: dict = {}
@@ -155,8 +162,23 @@ def _body_axis_maps(image: sitk.Image, probes, report, reference_path: bool = Fa
             log.info("field of view not checked: the BPR this probe measured its organs with is not installed")
             continue
         report(0.8, "finding the field of view")
-        maps[axis.sha256] = axis.z_map(image) if reference_path else axis.slab_map(image, like=prepared)
+        maps[axis.sha256] = axis.z_map(image) if reference_path else axis.slab_map(image, like=prepared,
+                                                                                    scores=scores)  # fmt: skip
     return maps
+
+
+def _mirror_result(result: SegmentationResult, image: sitk.Image, index_axes) -> SegmentationResult:
+    """A result on a mirrored copy of ``image`` put back onto ``image``'s grid as given (voxels mirrored back)."""
+    from DiffusionSegLib.preprocess.orientation import mirror_image
+
+    for name in ("labels", "uncertainty", "coordinates"):
+        value = getattr(result, name)
+        if value is not None:
+            back = mirror_image(value, index_axes)
+            back.CopyInformation(image)
+            setattr(result, name, back)
+    result.mirrored_axes = list(index_axes)
+    return result
 
 
 def segment(image: sitk.Image, probe: TrainedProbe, backbone, *, largest_component: bool = False,
@@ -164,7 +186,8 @@ def segment(image: sitk.Image, probe: TrainedProbe, backbone, *, largest_compone
             overlap: float | None = None, device: str | None = None, bpr=None, coordinates: bool = False,
             precision: str = "auto", reference_path: bool = False, progress: bool = False,
             progress_callback: Callable[[float, str], None] | None = None,
-            should_stop: Callable[[], bool] | None = None) -> SegmentationResult:  # fmt: skip
+            should_stop: Callable[[], bool] | None = None, orientation: str = "trust-header",
+            name: str = "CT") -> SegmentationResult:  # fmt: skip
     """Segment the probe's organs in a CT.
 
     Args:
@@ -186,12 +209,19 @@ def segment(image: sitk.Image, probe: TrainedProbe, backbone, *, largest_compone
         progress: show MONAI's sliding-window progress bar.
         progress_callback: called as ``(fraction, message)``.
         should_stop: polled per window batch; True raises :class:`SegmentationCancelled`.
+        orientation: whether the anatomy must agree with the header about which way is head, front and left
+            (:mod:`DiffusionSegLib.preprocess.orientation`): ``"check"`` refuses a mirrored scan before the network
+            runs, ``"fix"`` segments its voxels mirrored to match the anatomy and mirrors the result back onto the
+            input grid as given (``SegmentationResult.mirrored_axes``), ``"trust-header"`` (the library default;
+            the command line and Slicer check) reads no cue.
+        name: how a refusal names the scan.
 
     Returns:
         A :class:`SegmentationResult` on the exact input grid.
 
     Raises:
-        UserInputError: the image is not a usable CT, or the probe belongs to another backbone.
+        UserInputError: the image is not a usable CT, the probe belongs to another backbone, or (``check``) the
+            anatomy says an axis is mirrored against the header.
 
     Example::
 
@@ -202,7 +232,7 @@ def segment(image: sitk.Image, probe: TrainedProbe, backbone, *, largest_compone
                                uncertainty=uncertainty, num_noise_draws=num_noise_draws, window_vox=window_vox,
                                overlap=overlap, device=device, bpr=bpr, coordinates=coordinates, precision=precision,
                                reference_path=reference_path, progress=progress, progress_callback=progress_callback,
-                               should_stop=should_stop)[0]  # fmt: skip
+                               should_stop=should_stop, orientation=orientation, name=name)[0]  # fmt: skip
 
 
 def segment_with_probes(image: sitk.Image, probes: Sequence[TrainedProbe], backbone, *,
@@ -211,7 +241,8 @@ def segment_with_probes(image: sitk.Image, probes: Sequence[TrainedProbe], backb
                         device: str | None = None, bpr=None, coordinates: bool = False, precision: str = "auto",
                         reference_path: bool = False, progress: bool = False,
                         progress_callback: Callable[[float, str], None] | None = None,
-                        should_stop: Callable[[], bool] | None = None) -> list[SegmentationResult]:  # fmt: skip
+                        should_stop: Callable[[], bool] | None = None, orientation: str = "trust-header",
+                        name: str = "CT") -> list[SegmentationResult]:  # fmt: skip
     """Segment a CT with several probes of one backbone in one pass: the volume is prepared, and each window
     goes through the backbone, once; every probe head reads the same pyramid (e.g. a linear and a non-linear
     probe, or the probes of an evaluation's folds). Arguments as :func:`segment`; the probes must share their
@@ -251,6 +282,34 @@ def segment_with_probes(image: sitk.Image, probes: Sequence[TrainedProbe], backb
     report(0.0, "preparing the volume")
     prepared = prepare_volume(image, backbone.pretrain.preprocess, reference_path=reference_path)
     seconds["prepare"], clock = time.perf_counter() - clock, time.perf_counter()
+    scores = None
+    if orientation != "trust-header" or any(probe.field_of_view for probe in probes):
+        from DiffusionSegLib.preprocess.orientation import orientation_scores
+
+        with torch.no_grad():  # float32, as the field of view's slice BPR
+            scores = _orientation_scores(image, prepared, orientation, reference_path, orientation_scores)
+    if orientation != "trust-header":
+        from DiffusionSegLib.preprocess.orientation import apply_reading, assess_orientation
+
+        if scores is None:
+            log.info("%s: orientation not checked: the slice BPR is not installed", name)
+        else:
+            report(0.0, "checking the orientation")
+            with torch.no_grad():
+                reading = assess_orientation(scores[1], scores[0])
+            fixed, _, index_axes = apply_reading(reading, image, orientation, name)
+            seconds["orientation"] = reading.seconds
+            if index_axes:
+                results = segment_with_probes(fixed, probes, backbone, largest_component=largest_component,
+                                              uncertainty=uncertainty, num_noise_draws=num_noise_draws,
+                                              window_vox=window_vox, overlap=overlap, device=device, bpr=bpr,
+                                              coordinates=coordinates, precision=precision,
+                                              reference_path=reference_path, progress=progress,
+                                              progress_callback=progress_callback, should_stop=should_stop)
+                return [_mirror_result(result, image, index_axes) for result in results]
+    # the slice BPR's reading (shared by the orientation check and the field of view), without the check's cues
+    seconds["slice_bpr"] = time.perf_counter() - clock - seconds.get("orientation", 0.0)
+    clock = time.perf_counter()
     coords = None
     if backbone.use_bpr:
         with torch.no_grad(), autocast_context(precision, compute):  # the BPR is a network too
@@ -278,7 +337,8 @@ def segment_with_probes(image: sitk.Image, probes: Sequence[TrainedProbe], backb
     seconds["features"] = time.perf_counter() - clock
     clock = time.perf_counter()
     with torch.no_grad():  # float32: the slice BPR is small, and resampling HU in bfloat16 loses detail
-        body_z = _body_axis_maps(image, probes, report, reference_path, prepared)
+        body_z = _body_axis_maps(image, probes, report, reference_path, prepared,
+                                 scores[1] if scores is not None else None)  # fmt: skip
     seconds["field_of_view"] = time.perf_counter() - clock
     shared = {stage: value / len(probes) for stage, value in seconds.items()}
 
@@ -301,6 +361,15 @@ def segment_with_probes(image: sitk.Image, probes: Sequence[TrainedProbe], backb
              time.perf_counter() - start, precision)  # fmt: skip
     report(1.0, "done")
     return results
+
+
+def _orientation_scores(image, prepared, orientation, reference_path, orientation_scores):
+    """The shipped slice BPR's reading of ``image`` (``(BodyAxis, SliceScores)``) on the working grid's body box,
+    or None (not installed; or only the field of view needs it and it takes the reference path)."""
+    if reference_path and orientation == "trust-header":
+        return None
+    axis, scores = orientation_scores(image, like=prepared)
+    return None if scores is None else (axis, scores)
 
 
 def _finish(image: sitk.Image, prepared, probe: TrainedProbe, probabilities: np.ndarray, votes: np.ndarray | None,

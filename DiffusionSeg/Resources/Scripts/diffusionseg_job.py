@@ -25,6 +25,9 @@ from pathlib import Path
 PROGRESS_PREFIX = "DIFFUSIONSEG_PROGRESS"
 RESULT_PREFIX = "DIFFUSIONSEG_RESULT"
 ERROR_PREFIX = "DIFFUSIONSEG_ERROR"
+ORIENTATION_PREFIX = "DIFFUSIONSEG_ORIENTATION"
+"""Printed (with the mirrored axes) before the error line when the anatomy contradicts the header: the module then
+offers to segment with ``"orientation": "fix"``."""
 
 ProgressCallback = Callable[[float, str], None]
 
@@ -60,7 +63,8 @@ def _segment(job: dict, report: ProgressCallback, should_stop: Callable[[], bool
     probe = load_probe(job["probe"], backbone)
     options = {**SEGMENT_OPTIONS, **{k: job[k] for k in SEGMENT_OPTIONS if k in job}}  # as `diffusionseg segment`
     result = segment(image, probe, backbone, device=_device(job), precision=job.get("precision", "auto"),
-                     progress_callback=report, should_stop=should_stop, **options)  # fmt: skip
+                     progress_callback=report, should_stop=should_stop, orientation=job.get("orientation", "check"),
+                     name="the input volume", **options)  # fmt: skip
     write_volume(result.labels, job["output_labels"])
     Path(job["output_legend"]).write_text(json.dumps(labels_to_json(result.organs)))
     view = result.field_of_view.describe() if result.field_of_view is not None else None
@@ -73,11 +77,18 @@ def _coords(job: dict, report: ProgressCallback, should_stop: Callable[[], bool]
     from DiffusionSegLib.data.gate import read_ct
     from DiffusionSegLib.data.volume import write_volume
 
-    image = read_ct(job["image"], "the input volume")
-    report(0.0, "loading the Body Part Regressor")
+    from DiffusionSegLib.preprocess.orientation import check_orientation, mirror_image
+
+    given = read_ct(job["image"], "the input volume")
+    report(0.0, "checking the orientation")
+    image, _, mirrored = check_orientation(given, job.get("orientation", "check"), "the input volume")
+    report(0.05, "loading the Body Part Regressor")
     model, _ = load_bpr(job.get("bpr") or None)
     report(0.1, "computing anatomical coordinates")
     coordinates = predict_body_coordinates(image, model, device=_device(job).replace("auto", "cpu"))
+    if mirrored:  # back onto the input grid as given
+        coordinates = mirror_image(coordinates, mirrored)
+        coordinates.CopyInformation(given)
     write_volume(coordinates, job["output"])
     return {"coordinates": job["output"]}
 
@@ -160,6 +171,8 @@ def main(argv: list[str]) -> int:
         job = json.loads(Path(argv[0]).read_text())
         result = run_job(job, report)
     except UserInputError as error:
+        if getattr(error, "axes", None):  # OrientationMismatch: the module offers the fix
+            print(f"{ORIENTATION_PREFIX} {json.dumps(error.axes)}", flush=True)
         print(f"{ERROR_PREFIX} {error}", flush=True)
         return 2
     print(f"{RESULT_PREFIX} {json.dumps(result)}", flush=True)
