@@ -88,6 +88,8 @@ def command_lines(text: str) -> list[tuple[int, list[str]]]:
         content = content.removeprefix("$ ")
         for prefix in COMMAND_PREFIXES:
             if content.startswith(prefix + " "):  # the bare name (`diffusionseg`) is not a command line
+                if content[len(prefix) :].split()[0].endswith(":"):  # a message it prints, e.g. "... segment: error"
+                    break
                 commands.append((number, shlex.split(content[len(prefix) :], comments=True)))
                 break
     return sorted(commands)
