@@ -77,6 +77,14 @@ METHODS = {  # row name: (what it is, FinetuneConfig fields)
                             "of probability >= 0.9, background within 12 mm of them or of an unsure voxel left out)"),
                            {"init": "pretrained", "pseudo_labels": "self-training",
                             "pseudo_background_margin_mm": 12.0}),
+    "cohort_margin_transductive": (("fine-tuned from diffusion + BPR pretraining, plus the 5 test scans unlabeled "
+                                    "(the user's protocol: the scans to segment are the cohort; their labels are "
+                                    "never read; registration and 12 mm margin as in cohort_margin)"),
+                                   {"init": "pretrained", "pseudo_background_margin_mm": 12.0}),
+    "cohort_vote_transductive": (("as cohort_margin_transductive, the registrations fused by locally weighted vote "
+                                  "(an atlas without an organ abstains where another places it)"),
+                                 {"init": "pretrained", "pseudo_background_margin_mm": 12.0,
+                                  "pseudo_fusion": "weighted-vote"}),
     "random": ("our network, random init, fine-tuned", {"init": "random"}),
     "monai_unet": ("MONAI UNet from scratch (DESIGN.md §2 recipe)", None),
     "frozen_context": ("frozen probe (context head + CT and coordinates) on the diffusion + BPR backbone", None),
@@ -90,6 +98,9 @@ budget on the same cases and scored the same way (no largest-component clean-up:
 COHORT = {m for m in METHODS if m.startswith("cohort")}
 """Rows that also learn from the unlabeled cohort: the pool's other 13 scans, read as CT only (their labels are
 never opened); few-shot regimes only."""
+TRANSDUCTIVE = {m for m in COHORT if m.endswith("_transductive")}
+"""Cohort rows whose unlabeled cohort is the 5 test scans instead (what a user does: the scans to segment are the
+unlabeled scans given to ``finetune``), read as CT only."""
 DRAWS = (0, 1, 2, 3)
 """Few-shot draws: ``numpy.random.default_rng(draw)`` picks 2 of the 15 pool cases (d0: 0023 + 0025, the only
 unenhanced scans, the hard case; d1: 0009 + 0010; d2: 0005 + 0025; d3: 0002 + 0025)."""
@@ -121,10 +132,13 @@ def run_cases(regime: str, draw: int, training: list[str]) -> list[str]:
     return cases[:1] if regime == "oneshot" else cases
 
 
-def cohort_cases(row: dict, training: list[str]) -> list[str]:
-    """The unlabeled cohort of a row: the pool cases it was not given labels of (none for other methods)."""
+def cohort_cases(row: dict, training: list[str], test: list[str] = ()) -> list[str]:
+    """The unlabeled cohort of a row: the pool cases it was not given labels of, or for a transductive row the
+    ``test`` cases (none for other methods)."""
     if row["method"] not in COHORT:
         return []
+    if row["method"] in TRANSDUCTIVE:
+        return list(test)
     used = run_cases(row["regime"], row["draw"], training)
     return [c for c in training if c not in used]
 
@@ -224,7 +238,7 @@ def train(row: dict, cases_by_id: dict, training: list[str], backbone, args) -> 
     from DiffusionSegLib.finetune import finetune
 
     cases = run_cases(row["regime"], row["draw"], training)
-    unlabeled = cohort_cases(row, training)
+    unlabeled = cohort_cases(row, training, split(list(cases_by_id))[1])
     folder = OUT / "runs" / row["name"]
     if row["method"] == "monai_unet":
         model, key = folder / "model.pt", _baseline_key(row, cases)

@@ -201,6 +201,14 @@ def test_unlabeled_scans_are_found_without_label_maps_and_read_as_ct_only(monkey
     assert len(cohort) == 13 and not set(cohort) & set(bench.run_cases("fewshot", 1, training))
     images = bench.read_unlabeled(cases, cohort[:2])
     assert len(images) == 2 and len(opened) == 2 and all(p.endswith("_ct.nii.gz") for p in opened), opened
+    # the user's protocol: the test scans are the cohort, and their label maps are never opened either
+    training, test = bench.split(list(cases))
+    transductive = bench.cohort_cases({"method": "cohort_margin_transductive", "regime": "fewshot", "draw": 1},
+                                      training, test)  # fmt: skip
+    assert transductive == test and len(test) == 5 and not set(test) & set(training)
+    opened.clear()
+    assert len(bench.read_unlabeled(cases, transductive)) == 5
+    assert len(opened) == 5 and all(p.endswith("_ct.nii.gz") for p in opened), opened
 
 
 def test_cancel_during_registration_and_resume_reuse_registrations_and_the_snapshot(ants, backbone, tmp_path,
