@@ -247,6 +247,19 @@ class DiffusionSegTask:
     output: list[str] = field(default_factory=list)
 
 
+@dataclass
+class SegmentedVolumes:
+    """The result of segmenting several volumes: the new (or chosen) segmentation nodes, in the volumes' order, and
+    ``(volume node, reason)`` for each volume that was not segmented."""
+
+    segmentations: list = field(default_factory=list)
+    failed: list = field(default_factory=list)
+
+    def summary(self) -> str:
+        text = f"{len(self.segmentations)} of {len(self.segmentations) + len(self.failed)} volumes segmented"
+        return text + "".join(f"; {node.GetName()} not segmented: {reason}" for node, reason in self.failed)
+
+
 #
 # DiffusionSeg
 #
@@ -264,7 +277,9 @@ Few-shot CT organ segmentation on the features of a 3D denoising diffusion netwo
 (Body Part Regression) coordinates.
 <ul>
 <li><b>Segment</b>: pick a CT and a probe; the organs appear as a new segmentation (one named, coloured segment
-per organ). Choose an existing segmentation as output to overwrite it; otherwise nothing is overwritten.</li>
+per organ). Choose an existing segmentation as output to overwrite it; otherwise nothing is overwritten. Check
+more volumes under "Also segment" to segment them all in one background job (the models load once, one Cancel
+stops it); a volume that cannot be segmented is named in the status line and the others go on.</li>
 <li><b>Show coordinates</b>: dense anatomical coordinates of every voxel as a 3-component volume (RGB = x R-L,
 y A-P, z I-S, in mm-equivalent units).</li>
 <li><b>Train probe</b>: segment a few organs in one or more CTs with the Segment Editor, check those
@@ -459,6 +474,13 @@ class DiffusionSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def onSegmentButton(self) -> None:
         p = self._parameterNode
+        volumes = [p.inputVolume] + [node for node in self.ui.additionalVolumesSelector.checkedNodes()
+                                     if node is not p.inputVolume]  # fmt: skip
+        if len(volumes) > 1:  # one job, one Cancel: the models load once
+            self._start(lambda: self.logic.prepareSegmentVolumes(volumes, self.ui.probeSelector.currentData,
+                                                                 p.backbonePath or None, p.outputSegmentation,
+                                                                 self._device()))  # fmt: skip
+            return
         self._start(lambda: self.logic.prepareSegment(p.inputVolume, self.ui.probeSelector.currentData,
                                                       p.backbonePath or None, p.outputSegmentation,
                                                       self._device()))  # fmt: skip
@@ -520,6 +542,11 @@ class DiffusionSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             if notes:
                 self._done(f"segment: done; {'; '.join(notes)}.")
                 return
+        elif task.kind == "segment-many":
+            for node in result.segmentations:
+                node.CreateClosedSurfaceRepresentation()
+            self._done(f"segment: {result.summary()}.")
+            return
         elif task.kind == "coords":
             slicer.util.setSliceViewerLayers(background=self._parameterNode.inputVolume, foreground=result,
                                              foregroundOpacity=0.5)  # fmt: skip
@@ -680,22 +707,59 @@ class DiffusionSegLogic(ScriptedLoadableModuleLogic):
                "largest_component": LARGEST_COMPONENT if largestComponent is None
                else bool(largestComponent)}  # fmt: skip
 
-        def finish(result: dict):
-            import SimpleITK as sitk
+        return self._newTask("segment", job, lambda result: self._segmentationNode(result, volumeNode,
+                                                                                    outputSegmentationNode), device)
 
-            from DiffusionSegLib.data.labels import labels_from_json
-            from DiffusionSegLib.mrml import segmentation_node_from_labelmap
+    def _segmentationNode(self, result: dict, volumeNode, outputSegmentationNode=None):
+        """The segmentation node of one segmented volume from the job's label map and legend files."""
+        import SimpleITK as sitk
 
-            labels = labels_from_json(json.loads(Path(result["legend"]).read_text()))
-            node = segmentation_node_from_labelmap(sitk.ReadImage(result["labels"]), labels, self.scene,
-                                                   f"{volumeNode.GetName()} segmentation", volumeNode,
-                                                   outputSegmentationNode)  # fmt: skip
-            node.SetAttribute(FIELD_OF_VIEW_ATTRIBUTE, result.get("field_of_view") or "")
-            missing = result.get("not_found") or []
-            node.SetAttribute(NOT_FOUND_ATTRIBUTE, f"not found in this scan: {', '.join(missing)}" if missing else "")
-            return node
+        from DiffusionSegLib.data.labels import labels_from_json
+        from DiffusionSegLib.mrml import segmentation_node_from_labelmap
 
-        return self._newTask("segment", job, finish, device)
+        labels = labels_from_json(json.loads(Path(result["legend"]).read_text()))
+        node = segmentation_node_from_labelmap(sitk.ReadImage(result["labels"]), labels, self.scene,
+                                               f"{volumeNode.GetName()} segmentation", volumeNode,
+                                               outputSegmentationNode)  # fmt: skip
+        node.SetAttribute(FIELD_OF_VIEW_ATTRIBUTE, result.get("field_of_view") or "")
+        missing = result.get("not_found") or []
+        node.SetAttribute(NOT_FOUND_ATTRIBUTE, f"not found in this scan: {', '.join(missing)}" if missing else "")
+        return node
+
+    def prepareSegmentVolumes(self, volumeNodes: list, probePath, backbonePath=None, outputSegmentationNode=None,
+                              device: str = "cpu") -> DiffusionSegTask:  # fmt: skip
+        """Segment several volumes in one background job: the models load once and one :meth:`cancel` stops it
+        all. Each result goes to a new segmentation node named after its volume (the first volume's to
+        ``outputSegmentationNode`` if given, overwritten). A volume the input gate refuses is left out and named
+        with its reason in the result's ``failed``; the others are segmented. The result is a
+        :class:`SegmentedVolumes`."""
+        if not probePath:
+            raise ValueError("no probe selected; train one or load a probe file")
+        volumes = []
+        for node in volumeNodes:
+            if node is not None and all(node is not other for other in volumes):
+                volumes.append(node)
+        if not volumes:
+            raise ValueError("no input volume selected")
+        backbone = self.resolveBackbone(probePath, backbonePath)
+        folder = Path(tempfile.mkdtemp(prefix="DiffusionSeg-"))
+        images = [self._writeVolume(node, folder, f"input{i}") for i, node in enumerate(volumes)]
+        job = {"_tempDir": folder, "images": images,
+               "names": [node.GetName() for node in volumes], "probe": str(probePath), "backbone": str(backbone),
+               "output_labels": [str(folder / f"labels{i}.nrrd") for i in range(len(volumes))],
+               "output_legends": [str(folder / f"labels{i}.json") for i in range(len(volumes))]}  # fmt: skip
+
+        def finish(result: dict) -> SegmentedVolumes:
+            done = SegmentedVolumes()
+            for index, (volumeNode, scan) in enumerate(zip(volumes, result["scans"], strict=True)):
+                if scan.get("failed"):
+                    done.failed.append((volumeNode, scan["failed"]))
+                else:
+                    output = outputSegmentationNode if index == 0 else None
+                    done.segmentations.append(self._segmentationNode(scan, volumeNode, output))
+            return done
+
+        return self._newTask("segment-many", job, finish, device)
 
     def prepareCoordinates(self, volumeNode, outputNode=None, bprPath=None, device: str = "cpu") -> DiffusionSegTask:
         """Anatomical coordinates of ``volumeNode`` into ``outputNode`` (overwritten) or a new vector volume."""
@@ -922,6 +986,12 @@ class DiffusionSegLogic(ScriptedLoadableModuleLogic):
         :meth:`prepareSegment`."""
         task = self.prepareSegment(volumeNode, probePath, backbonePath, outputSegmentationNode, device,
                                    largestComponent, orientation)  # fmt: skip
+        return self.run(task, progressCallback, shouldStop)
+
+    def segmentVolumes(self, volumeNodes: list, probePath, backbonePath=None, outputSegmentationNode=None,
+                       device: str = "cpu", progressCallback=None, shouldStop=None) -> SegmentedVolumes:  # fmt: skip
+        """Segment several volumes with a probe (blocking; the models load once); see :meth:`prepareSegmentVolumes`."""
+        task = self.prepareSegmentVolumes(volumeNodes, probePath, backbonePath, outputSegmentationNode, device)
         return self.run(task, progressCallback, shouldStop)
 
     def showCoordinates(self, volumeNode, outputNode=None, bprPath=None, device: str = "cpu"):

@@ -9,6 +9,8 @@ One public verb per stage (imported lazily, so ``import DiffusionSegLib`` stays 
     probe = fit_probe([(ct, labels)], organs, backbone)     # few-shot probe on frozen features
     finetune([(ct, labels)], organs, backbone, "model.safetensors", FinetuneConfig())  # end to end (accurate)
     result = segment(image, probe, backbone)                # labels on the exact input grid
+    found = find_scans(["cohort/"])                         # many scans: models load once, a bad scan is skipped
+    outcomes = list(segment_many(found.scans, plan_outputs(found, "segmentations/")))
     results = evaluate(cases, {"diffusion+BPR": backbone}, EvaluationConfig())
 """
 
@@ -25,18 +27,21 @@ __all__ = [
     "UserInputError",
     "evaluate",
     "extract_features",
+    "find_scans",
     "finetune",
     "fit_bpr",
     "fit_probe",
     "load_backbone",
     "load_bpr",
     "load_probe",
+    "plan_outputs",
     "predict_body_coordinates",
     "prepare_volume",
     "pretrain_backbone",
     "read_volume",
     "save_probe",
     "segment",
+    "segment_many",
     "to_input_grid",
     "write_volume",
 ]
@@ -50,18 +55,21 @@ _WHERE = {
     "UserInputError": "DiffusionSegLib.errors",
     "evaluate": "DiffusionSegLib.evaluate.harness",
     "extract_features": "DiffusionSegLib.features",
+    "find_scans": "DiffusionSegLib.data.scans",
     "finetune": "DiffusionSegLib.finetune",
     "fit_bpr": "DiffusionSegLib.bpr",
     "fit_probe": "DiffusionSegLib.probe",
     "load_backbone": "DiffusionSegLib.pretrain.export",
     "load_bpr": "DiffusionSegLib.bpr",
     "load_probe": "DiffusionSegLib.probe",
+    "plan_outputs": "DiffusionSegLib.data.scans",
     "predict_body_coordinates": "DiffusionSegLib.bpr",
     "prepare_volume": "DiffusionSegLib.preprocess",
     "pretrain_backbone": "DiffusionSegLib.pretrain.trainer",
     "read_volume": "DiffusionSegLib.data.volume",
     "save_probe": "DiffusionSegLib.probe",
     "segment": "DiffusionSegLib.probe",
+    "segment_many": "DiffusionSegLib.probe.batch",
     "to_input_grid": "DiffusionSegLib.preprocess",
     "write_volume": "DiffusionSegLib.data.volume",
 }

@@ -12,6 +12,7 @@ from DiffusionSegLib.probe.segment import (
     segment_with_probes,
     write_segmentation,
 )
+from DiffusionSegLib.probe.batch import ScanOutcome, segment_many
 from DiffusionSegLib.probe.segnrrd import read_seg_nrrd, write_seg_nrrd
 from DiffusionSegLib.probe.train import (
     PatchFeatures,
@@ -30,6 +31,7 @@ __all__ = [
     "ProbeConfig",
     "ProbeTrainingCancelled",
     "SegmentationCancelled",
+    "ScanOutcome",
     "SegmentationResult",
     "TrainedProbe",
     "backbone_record",
@@ -44,6 +46,7 @@ __all__ = [
     "read_seg_nrrd",
     "save_probe",
     "segment",
+    "segment_many",
     "segment_with_probes",
     "train_head",
     "write_seg_nrrd",

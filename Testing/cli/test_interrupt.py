@@ -71,6 +71,25 @@ def test_sigterm_while_writing_leaves_the_earlier_result_untouched(command, tmp_
     assert _folder_bytes(out) == before  # no temporary file left, the earlier result unchanged
 
 
+def test_sigterm_while_a_batch_writes_leaves_no_partial_file(tmp_path):
+    """``segment FOLDER -o OUT/ --overwrite`` stopped while writing its first scan's output: the earlier output
+    survives byte for byte, nothing else is in the folder."""
+    import shutil
+
+    scans, out = tmp_path / "scans", tmp_path / "out"
+    scans.mkdir()
+    out.mkdir()
+    for name in ("a", "b"):
+        shutil.copyfile(data_path(SMALL_CT), scans / f"{name}.nii.gz")
+    (out / "a.seg.nrrd").write_bytes(b"an earlier result the user kept")
+    before = _folder_bytes(out)
+
+    done = _run(tmp_path, "write", ["segment", str(scans), "-o", str(out), "--overwrite"])
+
+    assert done.returncode == 130, done.stderr
+    assert _folder_bytes(out) == before
+
+
 def _ircadb_case() -> list[str]:
     return ["--case", str(data_path("labeled/ircadb1.01_ct.nii.gz")), str(data_path("labeled/ircadb1.01_organs.nii.gz")),
             "--labels-legend", str(data_path("labeled/ircadb1.01_legend.json")), "--organs", "liver"]  # fmt: skip

@@ -2,7 +2,7 @@
 
     PythonSlicer diffusionseg_job.py JOB.json
 
-``JOB.json`` says what to do (``"kind"``: ``segment`` | ``coords`` | ``train-probe`` |
+``JOB.json`` says what to do (``"kind"``: ``segment`` | ``segment-many`` | ``coords`` | ``train-probe`` |
 ``finetune``) and where the input and
 output files are; the Slicer module writes it, runs this script, then turns the output files into MRML nodes.
 All the work is done by DiffusionSegLib (``segment``, ``predict_body_coordinates``, ``fit_probe``); this file
@@ -70,6 +70,31 @@ def _segment(job: dict, report: ProgressCallback, should_stop: Callable[[], bool
     view = result.field_of_view.describe() if result.field_of_view is not None else None
     return {"labels": job["output_labels"], "legend": job["output_legend"], "seconds": result.seconds,
             "field_of_view": view, "not_found": result.not_found}  # fmt: skip
+
+
+def _segment_many(job: dict, report: ProgressCallback, should_stop: Callable[[], bool]) -> dict:
+    """Several volumes in one job (``segment_many``: the models load once); a volume the input gate refuses gets
+    its reason in the result and the others go on."""
+    from DiffusionSegLib.data.labels import labels_to_json
+    from DiffusionSegLib.defaults import SEGMENT_OPTIONS
+    from DiffusionSegLib.probe.batch import segment_many
+
+    scans = []
+    options = {**SEGMENT_OPTIONS, **{k: job[k] for k in SEGMENT_OPTIONS if k in job}}  # as `diffusionseg segment`
+    outcomes = segment_many(job["images"], job["output_labels"], job["probe"], job["backbone"], overwrite=True,
+                            device=_device(job), precision=job.get("precision", "auto"), names=job.get("names"),
+                            orientation=job.get("orientation", "check"), progress_callback=report,
+                            should_stop=should_stop, **options)  # fmt: skip
+    for outcome, legend in zip(outcomes, job["output_legends"], strict=True):
+        if outcome.failed:
+            scans.append({"failed": outcome.reason})
+            continue
+        result = outcome.result
+        Path(legend).write_text(json.dumps(labels_to_json(result.organs)))
+        view = result.field_of_view.describe() if result.field_of_view is not None else None
+        scans.append({"labels": str(outcome.output), "legend": legend, "seconds": outcome.seconds,
+                      "field_of_view": view, "not_found": result.not_found})  # fmt: skip
+    return {"scans": scans}
 
 
 def _coords(job: dict, report: ProgressCallback, should_stop: Callable[[], bool]) -> dict:
@@ -141,7 +166,8 @@ def _finetune(job: dict, report: ProgressCallback, should_stop: Callable[[], boo
             "steps": result.steps}  # fmt: skip
 
 
-JOBS = {"segment": _segment, "coords": _coords, "train-probe": _train_probe, "finetune": _finetune}
+JOBS = {"segment": _segment, "segment-many": _segment_many, "coords": _coords, "train-probe": _train_probe,
+        "finetune": _finetune}
 
 
 def run_job(job: dict, progress_callback: ProgressCallback | None = None,
