@@ -306,21 +306,14 @@ class OrientationMismatch(UserInputError):
         self.axes = list(axes)
 
 
-_AXIS_CACHE: dict = {}
-
-
 def orientation_scores(image: sitk.Image, like=None):
     """The shipped slice BPR's reading of ``image`` (``(BodyAxis, SliceScores)``), or ``(None, None)`` when it
     is not installed."""
-    from DiffusionSegLib.bpr import default_bpr_path
-    from DiffusionSegLib.probe.extent import BodyAxis
+    from DiffusionSegLib.probe.extent import shipped_body_axis
 
-    path = default_bpr_path()
-    if not path.is_file():
+    axis = shipped_body_axis()
+    if axis is None:
         return None, None
-    if str(path) not in _AXIS_CACHE:
-        _AXIS_CACHE[str(path)] = BodyAxis(path)
-    axis = _AXIS_CACHE[str(path)]
     return axis, axis.slice_scores(image, like)
 
 

@@ -209,18 +209,22 @@ def record_field_of_view(cases: Sequence[tuple[sitk.Image, sitk.Image]], labels)
 _AXES: dict[str, BodyAxis] = {}
 
 
-def body_axis_for(record: dict) -> BodyAxis | None:
-    """The BPR a probe's field-of-view record was measured with (the shipped one, by hash), or None.
-    Loaded and hashed once per process."""
+def shipped_body_axis() -> BodyAxis | None:
+    """The shipped slice BPR (loaded and hashed once per process), or None when it is not installed."""
     from DiffusionSegLib.bpr import default_bpr_path
 
     path = default_bpr_path()
-    if not record or not path.is_file():
+    if not path.is_file():
         return None
     if str(path) not in _AXES:
         _AXES[str(path)] = BodyAxis(path)
-    axis = _AXES[str(path)]
-    return axis if axis.sha256 == record.get("bpr_sha256") else None
+    return _AXES[str(path)]
+
+
+def body_axis_for(record: dict) -> BodyAxis | None:
+    """The BPR a probe's field-of-view record was measured with (the shipped one, by hash), or None."""
+    axis = shipped_body_axis() if record else None
+    return axis if axis is not None and axis.sha256 == record.get("bpr_sha256") else None
 
 
 def apply_field_of_view(label_array: np.ndarray, z: np.ndarray, hu: np.ndarray, labels,
