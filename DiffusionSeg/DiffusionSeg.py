@@ -86,6 +86,9 @@ FIELD_OF_VIEW_ATTRIBUTE = "DiffusionSeg.FieldOfView"
 """Segmentation node attribute: what the scan covers and which organs lie outside it (empty when unknown)."""
 NOT_FOUND_ATTRIBUTE = "DiffusionSeg.NotFound"
 """Segmentation node attribute: the model's organs (in view) that the scan showed none of (empty: all found)."""
+COHORT_FUSION_ATTRIBUTE = "DiffusionSeg.CohortFusion"
+"""Segmentation node attribute: for a scan of the model's training cohort, that the network was fused with its
+registrations, and the network's weight (empty: the network alone)."""
 REQUIREMENTS_FILE = MODULE_DIR / "Resources" / "requirements.txt"
 COHORT_REQUIREMENTS_FILE = MODULE_DIR / "Resources" / "requirements-cohort.txt"
 """Needed only to learn from unlabeled volumes (registration): asked for when such volumes are checked."""
@@ -537,8 +540,8 @@ class DiffusionSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         # again, so a result the user has since edited, or trains from, is never replaced unless chosen.
         if task.kind == "segment":
             result.CreateClosedSurfaceRepresentation()
-            notes = [n for n in (result.GetAttribute(FIELD_OF_VIEW_ATTRIBUTE), result.GetAttribute(NOT_FOUND_ATTRIBUTE))
-                     if n]  # fmt: skip
+            notes = [n for n in (result.GetAttribute(FIELD_OF_VIEW_ATTRIBUTE), result.GetAttribute(NOT_FOUND_ATTRIBUTE),
+                                 result.GetAttribute(COHORT_FUSION_ATTRIBUTE)) if n]  # fmt: skip
             if notes:
                 self._done(f"segment: done; {'; '.join(notes)}.")
                 return
@@ -724,6 +727,7 @@ class DiffusionSegLogic(ScriptedLoadableModuleLogic):
         node.SetAttribute(FIELD_OF_VIEW_ATTRIBUTE, result.get("field_of_view") or "")
         missing = result.get("not_found") or []
         node.SetAttribute(NOT_FOUND_ATTRIBUTE, f"not found in this scan: {', '.join(missing)}" if missing else "")
+        node.SetAttribute(COHORT_FUSION_ATTRIBUTE, result.get("cohort_fusion") or "")
         return node
 
     def prepareSegmentVolumes(self, volumeNodes: list, probePath, backbonePath=None, outputSegmentationNode=None,

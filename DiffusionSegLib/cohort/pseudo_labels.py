@@ -31,7 +31,7 @@ from DiffusionSegLib.cohort.registration import (
 )
 
 __all__ = ["PropagationCache", "fuse", "fuse_by_agreement", "fuse_by_local_similarity",
-           "ignore_background_near_organs", "propagate", "propagation_key", "working_scan"]
+           "ignore_background_near_organs", "local_vote_shares", "propagate", "propagation_key", "working_scan"]
 
 
 def working_scan(image: sitk.Image, coordinates_mm: np.ndarray | None) -> WorkingScan:
@@ -144,6 +144,27 @@ def fuse_by_agreement(propagations: Sequence[Propagation], ignore: int) -> np.nd
     return np.where(agree, classes[0], np.uint8(ignore)).astype(np.uint8)
 
 
+def local_vote_shares(propagations: Sequence[Propagation], target: np.ndarray, *, spacing_mm: Sequence[float],
+                      sigma_mm: float = 6.0, power: float = 2.0) -> np.ndarray:  # fmt: skip
+    """Each class's share of the locally weighted vote, ``(K, D, H, W)`` for classes ``0..K-1`` (``K``: the largest
+    class any atlas places, plus 1); the shares of a voxel add up to 1, or are all 0 where every atlas abstains.
+    Arguments and weights as :func:`fuse_by_local_similarity`."""
+    from scipy import ndimage
+
+    sigma = tuple(sigma_mm / float(s) for s in spacing_mm)
+    target = np.asarray(target, dtype=np.float32)
+    weights = np.stack([(ndimage.gaussian_filter((p.image.astype(np.float32) - target) ** 2, sigma) + 1e-4)
+                        ** -power for p in propagations])  # fmt: skip
+    classes = np.stack([p.classes for p in propagations])
+    present = [set(np.unique(c).tolist()) for c in classes]
+    for a, has in enumerate(present):  # abstain where another atlas places an organ this one has no label of
+        for b, other in enumerate(present):
+            for organ in other - has - {0}:
+                weights[a][classes[b] == organ] = 0.0
+    votes = np.stack([np.where(classes == k, weights, 0.0).sum(axis=0) for k in range(int(classes.max()) + 1)])
+    return votes / np.maximum(votes.sum(axis=0), 1e-12)
+
+
 def fuse_by_local_similarity(propagations: Sequence[Propagation], target: np.ndarray, ignore: int, *,
                              spacing_mm: Sequence[float], sigma_mm: float = 6.0, power: float = 2.0,
                              confidence: float = 0.7) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
@@ -167,20 +188,7 @@ def fuse_by_local_similarity(propagations: Sequence[Propagation], target: np.nda
     Returns:
         ``(classes, probability)``: uint8 labels (``ignore`` where unsure) and the winning class's vote share.
     """
-    from scipy import ndimage
-
-    sigma = tuple(sigma_mm / float(s) for s in spacing_mm)
-    target = np.asarray(target, dtype=np.float32)
-    weights = np.stack([(ndimage.gaussian_filter((p.image.astype(np.float32) - target) ** 2, sigma) + 1e-4)
-                        ** -power for p in propagations])  # fmt: skip
-    classes = np.stack([p.classes for p in propagations])
-    present = [set(np.unique(c).tolist()) for c in classes]
-    for a, has in enumerate(present):  # abstain where another atlas places an organ this one has no label of
-        for b, other in enumerate(present):
-            for organ in other - has - {0}:
-                weights[a][classes[b] == organ] = 0.0
-    votes = np.stack([np.where(classes == k, weights, 0.0).sum(axis=0) for k in range(int(classes.max()) + 1)])
-    share = votes / np.maximum(votes.sum(axis=0), 1e-12)
+    share = local_vote_shares(propagations, target, spacing_mm=spacing_mm, sigma_mm=sigma_mm, power=power)
     winner, probability = share.argmax(axis=0).astype(np.uint8), share.max(axis=0)
     return np.where(probability >= confidence, winner, np.uint8(ignore)).astype(np.uint8), probability
 

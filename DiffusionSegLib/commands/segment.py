@@ -4,7 +4,9 @@
 ``.nrrd``/``.mha``) a plain label map. Without ``--probe`` the shipped 13-organ BTCV model is used
 (``finetune_btcv13_default``, fine-tuned end to end); the backbone defaults to the one the model records (its
 fine-tuned backbone beside it, or a model file with the recorded hash). Each organ keeps its largest connected
-component unless ``--no-largest-component`` is given.
+component unless ``--no-largest-component`` is given. A scan of the model's training cohort (an unlabeled scan of
+``finetune --unlabeled``) is segmented by the network fused with its registrations, kept beside the model in
+``<model>.cohort.npz``; ``--no-cohort-fusion`` uses the network alone.
 
 Several scans, a folder of scans or a pattern segment in one run (the models load once): ``-o`` is then a folder
 (created) that receives ``<scan name>.seg.nrrd`` per scan (``--format`` for label maps). A scan that is damaged or
@@ -45,6 +47,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--overwrite", action="store_true",
                         help="when -o is a folder: replace existing outputs (default: keep them, skip their scans)")
     options.add_largest_component(parser, LARGEST_COMPONENT)
+    parser.add_argument("--no-cohort-fusion", dest="cohort_fusion", action="store_false",
+                        help="for a scan of the model's training cohort (finetune --unlabeled), use the network alone "
+                        "(default: the network fused with the scan's registrations, which the model keeps in "
+                        "<model>.cohort.npz)")  # fmt: skip
     parser.add_argument("--uncertainty", help="also write an uncertainty map here (disagreement across noise draws "
                         "with --draws > 1, else the normalised entropy)")  # fmt: skip
     parser.add_argument("--draws", type=int, help="noise draws to average (default: the probe's)")
@@ -104,6 +110,7 @@ def _run_one(args: argparse.Namespace, volume: str) -> int:
         raise UserInputError(f"--format {args.format} does not match the output '{args.output}'; name the output "
                              f"with {OUTPUT_FORMATS[args.format]}, or leave --format out")  # fmt: skip
     image = read_ct(volume)  # a refused input answers before torch is imported
+    from DiffusionSegLib.cohort.fusion import find_cohort
     from DiffusionSegLib.pretrain.export import load_backbone
     from DiffusionSegLib.probe import find_probe_backbone, load_probe, segment, write_segmentation
 
@@ -116,7 +123,8 @@ def _run_one(args: argparse.Namespace, volume: str) -> int:
     result = segment(image, probe, backbone, largest_component=args.largest_component,
                      uncertainty=bool(args.uncertainty), num_noise_draws=args.draws, overlap=args.overlap,
                      device=args.device, bpr=args.bpr, precision=args.precision, orientation=args.orientation,
-                     name=f"'{Path(volume).name}'")  # fmt: skip
+                     name=f"'{Path(volume).name}'",
+                     cohort=find_cohort(probe_path) if args.cohort_fusion else None)  # fmt: skip
     path = write_segmentation(result, args.output)
     log.info("wrote %s: %s in %.1f s", path, ", ".join(o.name for o in result.organs), result.seconds["total"])
     if result.field_of_view is not None:
@@ -168,7 +176,8 @@ def _run_many(args: argparse.Namespace, found) -> int:
         for outcome in segment_many(found.scans, outputs, args.probe, args.backbone, overwrite=args.overwrite,
                                     largest_component=args.largest_component, num_noise_draws=args.draws,
                                     overlap=args.overlap, device=args.device, bpr=args.bpr,
-                                    precision=args.precision, orientation=args.orientation):  # fmt: skip
+                                    precision=args.precision, orientation=args.orientation,
+                                    cohort_fusion=args.cohort_fusion):  # fmt: skip
             status[outcome.status] += 1
             _report(outcome)
             bar.set_postfix_str(f"{outcome.scan.name} {outcome.seconds:.1f} s", refresh=False)

@@ -96,6 +96,8 @@ class FinetuneResult:
         cancelled: stopped by ``should_stop()``; the best model so far was written.
         seconds: wall time by stage; with unlabeled scans ``cohort`` (their preparation and labeling) and, with
             registration, ``registration`` (the registrations' own seconds, a cached one counted as computed).
+        cohort_path: with registration of unlabeled scans, the written cohort file beside the model
+            (:mod:`DiffusionSegLib.cohort.fusion`); else None.
     """
 
     probe: object
@@ -108,6 +110,7 @@ class FinetuneResult:
     best_step: int = 0
     cancelled: bool = False
     seconds: dict = field(default_factory=dict)
+    cohort_path: Path | None = None
 
 
 def learning_rate_at(step: int, planned: int, cfg: FinetuneConfig, fraction: float | None = None) -> float:
@@ -340,11 +343,14 @@ def _label_by_self_training(network, volumes, cfg: FinetuneConfig, device, autoc
 
 
 def _pseudo_labeled_volumes(images, names, atlases, trainable, feature_cfg, cfg: FinetuneConfig, bpr, device,
-                            progress, report, stop, cache_dir) -> tuple[list, float, float]:  # fmt: skip
+                            progress, report, stop, cache_dir) -> tuple[list, float, float, list]:  # fmt: skip
     """The unlabeled scans prepared and labeled by registration of the labeled ``atlases`` (fused by
     ``cfg.pseudo_fusion``),
-    the seconds it all took and the registrations' own seconds (a cached registration counts the seconds it took
-    when computed, not the moment it takes to read). Volumes where no voxel got a label are dropped."""
+    the seconds it all took, the registrations' own seconds (a cached registration counts the seconds it took
+    when computed, not the moment it takes to read) and, per scan, ``(working key, name, locally weighted vote)``
+    for the model's cohort file (:mod:`DiffusionSegLib.cohort.fusion`). Volumes where no voxel got a label are
+    dropped."""
+    from DiffusionSegLib.cohort.fusion import registration_vote, working_key
     from DiffusionSegLib.cohort.pseudo_labels import PropagationCache, fuse, propagate, volume_scan
     from DiffusionSegLib.cohort.registration import RegistrationConfig, require_ants, windowed
     from DiffusionSegLib.probe.sampling import IGNORE
@@ -363,14 +369,17 @@ def _pseudo_labeled_volumes(images, names, atlases, trainable, feature_cfg, cfg:
                         report=lambda f, m: report(0.05, m), should_stop=stop)  # fmt: skip
     if results is None:
         raise FinetuneCancelled("fine-tuning cancelled while registering the unlabeled volumes")
-    fused = [fuse(row, windowed(v.working, registration.window_hu), IGNORE, cfg.pseudo_fusion,
-                  spacing_mm=v.working.GetSpacing()[::-1]) for v, row in zip(volumes, results, strict=True)]  # fmt: skip
+    fused, votes = [], []
+    for volume, row in zip(volumes, results, strict=True):
+        target, spacing = windowed(volume.working, registration.window_hu), volume.working.GetSpacing()[::-1]
+        fused.append(fuse(row, target, IGNORE, cfg.pseudo_fusion, spacing_mm=spacing))
+        votes.append((working_key(volume.working), volume.name, registration_vote(row, target, spacing_mm=spacing)))
     kept = _with_pseudo_labels(volumes, fused, cfg, "no organ label survived registration")
     registration_s = sum(p.seconds for row in results for p in row)
     seconds = prepared_s + registration_s
     log.info("%d unlabeled volumes labeled by registration (%.0f s; %.0f %% of their voxels labeled)", len(kept),
              seconds, 100.0 * np.mean([float((v.classes != IGNORE).mean()) for v in volumes]))  # fmt: skip
-    return kept, seconds, registration_s
+    return kept, seconds, registration_s, votes
 
 
 def finetune(cases: Sequence[tuple[sitk.Image, sitk.Image]], labels: Sequence[OrganLabel], backbone,
@@ -389,7 +398,9 @@ def finetune(cases: Sequence[tuple[sitk.Image, sitk.Image]], labels: Sequence[Or
     the loss). With ``cfg.pseudo_labels == "self-training"`` there is no registration: after
     ``cfg.self_training_start`` of the run the network labels the unlabeled scans itself, confident voxels only;
     with ``"registration+self-training"`` the network trained on registration's labels relabels them at that point.
-    The budget in minutes includes the unlabeled scans' preparation, registration and labeling.
+    The budget in minutes includes the unlabeled scans' preparation, registration and labeling. With registration,
+    the registrations' locally weighted vote of each unlabeled scan goes beside the model (``x.cohort.npz``), and
+    ``segment`` of one of those scans fuses it with the network (:mod:`DiffusionSegLib.cohort.fusion`).
 
     Args:
         cases: ``(ct, label map)`` pairs, each label map on its CT's grid with the ids of ``labels``.
@@ -466,14 +477,14 @@ def finetune(cases: Sequence[tuple[sitk.Image, sitk.Image]], labels: Sequence[Or
                  len(volumes))  # fmt: skip
     _check_labels(labels, [v.present for v in train_volumes])
     timings["prepare"] = time.perf_counter() - clock
-    pseudo_volumes, cohort_seconds, awaiting_labels = [], 0.0, []
+    pseudo_volumes, cohort_seconds, awaiting_labels, votes = [], 0.0, [], []
     if len(unlabeled) and cfg.pseudo_labels == "self-training":  # labeled later, by the network itself
         awaiting_labels = _unlabeled_volumes(unlabeled, cohort_names, trainable, feature_cfg, bpr_module, device,
                                              report, stop)  # fmt: skip
         cohort_seconds = time.perf_counter() - clock - timings["prepare"]
         timings["cohort"] = cohort_seconds
     elif len(unlabeled):
-        pseudo_volumes, cohort_seconds, timings["registration"] = _pseudo_labeled_volumes(
+        pseudo_volumes, cohort_seconds, timings["registration"], votes = _pseudo_labeled_volumes(
             unlabeled, cohort_names, train_volumes, trainable, feature_cfg, cfg, bpr_module, device, progress, report,
             stop, registration_cache if registration_cache is not None else (
                 Path(run_dir) / "registrations" if run_dir is not None else None))  # fmt: skip
@@ -606,8 +617,27 @@ def finetune(cases: Sequence[tuple[sitk.Image, sitk.Image]], labels: Sequence[Or
         if average is not None:
             network.load_state_dict(average.module.state_dict())
         best_step = step
-    return _write(network, trainable, backbone, labels, cfg, output, history, step, planned, best_step, cancelled,
-                  recorded_names, timings, record_field_of_view(cases, labels))
+    result = _write(network, trainable, backbone, labels, cfg, output, history, step, planned, best_step, cancelled,
+                    recorded_names, timings, record_field_of_view(cases, labels))  # fmt: skip
+    _write_cohort(result, votes, len(labels) + 1, cfg)
+    return result
+
+
+def _write_cohort(result: FinetuneResult, votes: list, num_classes: int, cfg: FinetuneConfig) -> None:
+    """Beside the model, the registrations' vote of each cohort scan (``segment`` fuses it with the network for
+    those scans); without registrations, a cohort file left by an earlier model of that name is removed."""
+    from DiffusionSegLib.cohort.fusion import cohort_path, write_cohort
+
+    path = cohort_path(result.probe_path)
+    if not votes:
+        path.unlink(missing_ok=True)
+        return
+    registration = {"transform": cfg.registration, "bpr_start": cfg.registration_bpr_start, "seed": cfg.seed,
+                    "fusion": "weighted-vote"}  # fmt: skip
+    write_cohort(path, votes, result.backbone.sha256, num_classes, registration)
+    result.cohort_path = path
+    log.info("wrote %s (the registrations of %d cohort scans, fused with the network when segment meets them)",
+             path, len(votes))  # fmt: skip
 
 
 def _write(network, trainable, source, labels, cfg, output, history, step, planned, best_step, cancelled, names,

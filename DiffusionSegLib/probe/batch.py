@@ -101,10 +101,21 @@ def _one_line(error: BaseException) -> str:
     return text[0] if isinstance(error, UserInputError) and text else f"{type(error).__name__}: {' '.join(text)}"
 
 
+def _model_cohort(probe):
+    """The cohort file of a probe given as a file (or None: the shipped model), else None."""
+    from DiffusionSegLib.cohort.fusion import find_cohort
+    from DiffusionSegLib.resources import default_probe_path
+
+    if probe is None or isinstance(probe, (str, os.PathLike)):
+        return find_cohort(probe or default_probe_path())
+    return None
+
+
 def segment_many(scans: Sequence[str | os.PathLike], outputs: Sequence[str | os.PathLike], probe=None,
                  backbone=None, *, overwrite: bool = False, largest_component: bool = False,
                  num_noise_draws: int | None = None, overlap: float | None = None, device: str | None = None,
-                 bpr=None, precision: str = "auto", orientation: str = "check", names: Sequence[str] | None = None,
+                 bpr=None, precision: str = "auto", orientation: str = "check", cohort_fusion: bool = True,
+                 names: Sequence[str] | None = None,
                  progress_callback: Callable[[float, str], None] | None = None,
                  should_stop: Callable[[], bool] | None = None) -> Iterator[ScanOutcome]:  # fmt: skip
     """Segment each scan into its output, yielding a :class:`ScanOutcome` per scan, in order.
@@ -123,6 +134,8 @@ def segment_many(scans: Sequence[str | os.PathLike], outputs: Sequence[str | os.
         largest_component, num_noise_draws, overlap, device, precision, orientation: as
             :func:`~DiffusionSegLib.probe.segment` (a scan whose anatomy contradicts its header is a failed scan
             under ``"check"``).
+        cohort_fusion: a scan of the model's training cohort gets the network fused with its registrations (the
+            cohort file beside a probe given as a file; see :mod:`DiffusionSegLib.cohort.fusion`).
         names: per scan, how messages name it (default: its file name), e.g. a Slicer volume's name.
         progress_callback: ``(fraction of the whole batch, message)``.
         should_stop: polled per window batch; True raises :class:`SegmentationCancelled` (the outputs written
@@ -162,13 +175,15 @@ def segment_many(scans: Sequence[str | os.PathLike], outputs: Sequence[str | os.
         if models is None:
             report(index / len(scans), f"{prefix}: loading the models")
             models = load_segmentation_models(probe, backbone, bpr)
+            cohort = _model_cohort(probe) if cohort_fusion else None
         loaded_probe, loaded_backbone, loaded_bpr = models
         note = short_scan_note(image, loaded_backbone, loaded_probe.config.feature_config())
         try:
             result = segment(image, loaded_probe, loaded_backbone, largest_component=largest_component,
                              num_noise_draws=num_noise_draws, overlap=overlap, device=device, bpr=loaded_bpr,
                              precision=precision, should_stop=should_stop, orientation=orientation,
-                             name=f"'{name}'", progress_callback=lambda f, m, i=index, p=prefix: report((i + f) / len(scans),
+                             name=f"'{name}'", cohort=cohort,
+                             progress_callback=lambda f, m, i=index, p=prefix: report((i + f) / len(scans),
                                                                                       f"{p}: {m}"))  # fmt: skip
             del image
             write_segmentation(result, output)

@@ -67,6 +67,9 @@ class SegmentationResult:
         precision: the arithmetic the network ran in (``"float32"`` or ``"bfloat16"``).
         mirrored_axes: with ``orientation="fix"``, the input's index axes (0 i, 1 j, 2 k) its voxels were mirrored
             along to match the anatomy (the result is mirrored back onto the input grid); else empty.
+        cohort_fusion: for a scan of the model's training cohort, the network's weight in its fusion with the
+            scan's registrations (:mod:`DiffusionSegLib.cohort.fusion`); None where the network alone segmented.
+        cohort_registrations: how many registrations that fusion used (0 without it).
     """
 
     labels: sitk.Image
@@ -80,6 +83,8 @@ class SegmentationResult:
     not_found: list[str] = field(default_factory=list)
     precision: str = "float32"
     mirrored_axes: list[int] = field(default_factory=list)
+    cohort_fusion: float | None = None
+    cohort_registrations: int = 0
 
 
 def _count_windows(shape, roi, overlap: float) -> int:
@@ -187,7 +192,7 @@ def segment(image: sitk.Image, probe: TrainedProbe, backbone, *, largest_compone
             precision: str = "auto", reference_path: bool = False, progress: bool = False,
             progress_callback: Callable[[float, str], None] | None = None,
             should_stop: Callable[[], bool] | None = None, orientation: str = "trust-header",
-            name: str = "CT") -> SegmentationResult:  # fmt: skip
+            name: str = "CT", cohort=None, cohort_weight: float | None = None) -> SegmentationResult:  # fmt: skip
     """Segment the probe's organs in a CT.
 
     Args:
@@ -214,7 +219,13 @@ def segment(image: sitk.Image, probe: TrainedProbe, backbone, *, largest_compone
             runs, ``"fix"`` segments its voxels mirrored to match the anatomy and mirrors the result back onto the
             input grid as given (``SegmentationResult.mirrored_axes``), ``"trust-header"`` (the library default;
             the command line and Slicer check) reads no cue.
-        name: how a refusal names the scan.
+        name: how a refusal (and the cohort fusion's log line) names the scan.
+        cohort: the model's cohort file (:func:`~DiffusionSegLib.cohort.fusion.find_cohort`), or None: when the
+            scan's working image is one of its cohort scans, the network's class probabilities are fused with the
+            scan's registrations on the working grid (``SegmentationResult.cohort_fusion``); other scans get the
+            network alone.
+        cohort_weight: the network's weight in that fusion (default
+            :data:`~DiffusionSegLib.defaults.COHORT_FUSION_WEIGHT`).
 
     Returns:
         A :class:`SegmentationResult` on the exact input grid.
@@ -232,7 +243,8 @@ def segment(image: sitk.Image, probe: TrainedProbe, backbone, *, largest_compone
                                uncertainty=uncertainty, num_noise_draws=num_noise_draws, window_vox=window_vox,
                                overlap=overlap, device=device, bpr=bpr, coordinates=coordinates, precision=precision,
                                reference_path=reference_path, progress=progress, progress_callback=progress_callback,
-                               should_stop=should_stop, orientation=orientation, name=name)[0]  # fmt: skip
+                               should_stop=should_stop, orientation=orientation, name=name,
+                               cohorts=[cohort], cohort_weight=cohort_weight)[0]  # fmt: skip
 
 
 def segment_with_probes(image: sitk.Image, probes: Sequence[TrainedProbe], backbone, *,
@@ -242,11 +254,13 @@ def segment_with_probes(image: sitk.Image, probes: Sequence[TrainedProbe], backb
                         reference_path: bool = False, progress: bool = False,
                         progress_callback: Callable[[float, str], None] | None = None,
                         should_stop: Callable[[], bool] | None = None, orientation: str = "trust-header",
-                        name: str = "CT") -> list[SegmentationResult]:  # fmt: skip
+                        name: str = "CT", cohorts: Sequence | None = None,
+                        cohort_weight: float | None = None) -> list[SegmentationResult]:  # fmt: skip
     """Segment a CT with several probes of one backbone in one pass: the volume is prepared, and each window
     goes through the backbone, once; every probe head reads the same pyramid (e.g. a linear and a non-linear
     probe, or the probes of an evaluation's folds). Arguments as :func:`segment`; the probes must share their
-    feature settings (timestep, noise seed and draws, window, overlap).
+    feature settings (timestep, noise seed and draws, window, overlap); ``cohorts``: per probe, its model's cohort
+    file or None (default: none).
 
     Returns:
         One :class:`SegmentationResult` per probe, in order (``coordinates`` is set on the first only; the
@@ -305,7 +319,8 @@ def segment_with_probes(image: sitk.Image, probes: Sequence[TrainedProbe], backb
                                               window_vox=window_vox, overlap=overlap, device=device, bpr=bpr,
                                               coordinates=coordinates, precision=precision,
                                               reference_path=reference_path, progress=progress,
-                                              progress_callback=progress_callback, should_stop=should_stop)
+                                              progress_callback=progress_callback, should_stop=should_stop,
+                                              name=name, cohorts=cohorts, cohort_weight=cohort_weight)
                 return [_mirror_result(result, image, index_axes) for result in results]
     # the slice BPR's reading (shared by the orientation check and the field of view), without the check's cues
     seconds["slice_bpr"] = time.perf_counter() - clock - seconds.get("orientation", 0.0)
@@ -342,11 +357,21 @@ def segment_with_probes(image: sitk.Image, probes: Sequence[TrainedProbe], backb
     seconds["field_of_view"] = time.perf_counter() - clock
     shared = {stage: value / len(probes) for stage, value in seconds.items()}
 
+    votes_of = _cohort_votes(cohorts, probes, backbone, prepared.image, name)
     results = []
     first = 0
     for index, probe in enumerate(probes):
         probabilities = torch.softmax(logits[0, first : first + probe.num_classes].float(), dim=0).numpy()
         first += probe.num_classes
+        weight = None
+        if votes_of[index] is not None:  # a scan of the model's training cohort: the network and its registrations
+            from DiffusionSegLib.cohort.fusion import fuse_with_network
+            from DiffusionSegLib.defaults import COHORT_FUSION_WEIGHT
+
+            weight = COHORT_FUSION_WEIGHT if cohort_weight is None else float(cohort_weight)
+            probabilities = fuse_with_network(probabilities, votes_of[index], weight)
+            log.info("%s was in the model's training cohort: the network fused with its %d registrations (weight "
+                     "%g)", name, votes_of[index].atlases, weight)  # fmt: skip
         probe_votes = None if votes is None else votes[0, index].numpy()
         result = _finish(image, prepared, probe, probabilities, probe_votes, uncertainty, largest_component,
                          lambda f, message: report(0.8 + 0.2 * (index + f) / len(probes), message),
@@ -355,12 +380,41 @@ def segment_with_probes(image: sitk.Image, probes: Sequence[TrainedProbe], backb
         result.seconds["total"] = sum(result.seconds.values())
         result.coordinates = coordinate_image if index == 0 else None
         result.precision = precision
+        if weight is not None:
+            result.cohort_fusion, result.cohort_registrations = weight, votes_of[index].atlases
         results.append(result)
     log.info("segmented %s voxels (working grid %s) with %d probe(s) in %.1f s (%s)",
              "x".join(map(str, image.GetSize())), "x".join(map(str, prepared.image.GetSize())), len(probes),
              time.perf_counter() - start, precision)  # fmt: skip
     report(1.0, "done")
     return results
+
+
+def _cohort_votes(cohorts, probes, backbone, working: sitk.Image, name: str) -> list:
+    """Per probe, the registrations' vote of this scan from its model's cohort file, or None: no file, a file of
+    another backbone or class count (a model trained again), or a scan outside the cohort."""
+    if not cohorts or all(c is None for c in cohorts):
+        return [None] * len(probes)
+    if len(cohorts) != len(probes):
+        raise UserInputError(f"{len(cohorts)} cohort files given for {len(probes)} probes; expected one per probe")
+    from DiffusionSegLib.cohort.fusion import working_key
+
+    key, votes = working_key(working), []
+    for cohort, probe in zip(cohorts, probes, strict=True):
+        vote = None
+        stale = cohort is not None and (cohort.backbone_sha256, cohort.num_classes) != (backbone.sha256,
+                                                                                         probe.num_classes)
+        if stale:
+            log.warning("'%s' belongs to another training of this model; the network alone segments %s",
+                        cohort.path.name, name)  # fmt: skip
+        elif cohort is not None:
+            vote = cohort.vote(key)
+            if vote is not None and vote.shape != tuple(working.GetSize()[::-1]):
+                vote = None
+            if vote is None:
+                log.debug("%s is not among the %d scans of the model's training cohort", name, len(cohort))
+        votes.append(vote)
+    return votes
 
 
 def _orientation_scores(image, prepared, orientation, reference_path, orientation_scores):

@@ -53,6 +53,7 @@ def _segment(job: dict, report: ProgressCallback, should_stop: Callable[[], bool
     from DiffusionSegLib.data.gate import read_ct
     from DiffusionSegLib.data.volume import write_volume
     from DiffusionSegLib.pretrain.export import load_backbone
+    from DiffusionSegLib.cohort.fusion import find_cohort
     from DiffusionSegLib.probe import load_probe, segment
 
     from DiffusionSegLib.defaults import SEGMENT_OPTIONS
@@ -64,12 +65,21 @@ def _segment(job: dict, report: ProgressCallback, should_stop: Callable[[], bool
     options = {**SEGMENT_OPTIONS, **{k: job[k] for k in SEGMENT_OPTIONS if k in job}}  # as `diffusionseg segment`
     result = segment(image, probe, backbone, device=_device(job), precision=job.get("precision", "auto"),
                      progress_callback=report, should_stop=should_stop, orientation=job.get("orientation", "check"),
-                     name="the input volume", **options)  # fmt: skip
+                     name="the input volume",
+                     cohort=find_cohort(job["probe"]) if job.get("cohort_fusion", True) else None, **options)  # fmt: skip
     write_volume(result.labels, job["output_labels"])
     Path(job["output_legend"]).write_text(json.dumps(labels_to_json(result.organs)))
     view = result.field_of_view.describe() if result.field_of_view is not None else None
     return {"labels": job["output_labels"], "legend": job["output_legend"], "seconds": result.seconds,
-            "field_of_view": view, "not_found": result.not_found}  # fmt: skip
+            "field_of_view": view, "not_found": result.not_found, "cohort_fusion": _fusion_note(result)}  # fmt: skip
+
+
+def _fusion_note(result) -> str | None:
+    """For the status line: how a scan of the model's training cohort was segmented (None: the network alone)."""
+    if result.cohort_fusion is None:
+        return None
+    return (f"in the model's training cohort: the network fused with its {result.cohort_registrations} "
+            f"registrations (weight {result.cohort_fusion:g})")
 
 
 def _segment_many(job: dict, report: ProgressCallback, should_stop: Callable[[], bool]) -> dict:
@@ -84,7 +94,8 @@ def _segment_many(job: dict, report: ProgressCallback, should_stop: Callable[[],
     outcomes = segment_many(job["images"], job["output_labels"], job["probe"], job["backbone"], overwrite=True,
                             device=_device(job), precision=job.get("precision", "auto"), names=job.get("names"),
                             orientation=job.get("orientation", "check"), progress_callback=report,
-                            should_stop=should_stop, **options)  # fmt: skip
+                            should_stop=should_stop, cohort_fusion=job.get("cohort_fusion", True),
+                            **options)  # fmt: skip
     for outcome, legend in zip(outcomes, job["output_legends"], strict=True):
         if outcome.failed:
             scans.append({"failed": outcome.reason})
@@ -93,7 +104,8 @@ def _segment_many(job: dict, report: ProgressCallback, should_stop: Callable[[],
         Path(legend).write_text(json.dumps(labels_to_json(result.organs)))
         view = result.field_of_view.describe() if result.field_of_view is not None else None
         scans.append({"labels": str(outcome.output), "legend": legend, "seconds": outcome.seconds,
-                      "field_of_view": view, "not_found": result.not_found})  # fmt: skip
+                      "field_of_view": view, "not_found": result.not_found,
+                      "cohort_fusion": _fusion_note(result)})  # fmt: skip
     return {"scans": scans}
 
 
