@@ -38,8 +38,8 @@ def read_ct(path: str | os.PathLike, name: str | None = None) -> sitk.Image:
     """Read a CT and refuse it unless the pipeline can use it (see the module docstring)."""
     image = read_volume(path)
     name = name or f"'{Path(path).name}'"
+    check_ct(image, name)  # a 2D or 4D image is refused here, before its direction is read as 3x3
     check_direction(image, name, path)
-    check_ct(image, name)
     check_extent(image, name)
     return image
 

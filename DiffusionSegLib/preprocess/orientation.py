@@ -11,8 +11,10 @@ header:
   says head-ward;
 * **front-back**: where dense bone (> 200 HU) near the body's left-right centre (the spine) lies against the
   body's centre, in half the body's front-back extent (median over slices; positive: behind, as anatomy has
-  it); veto: a mirrored reading is not trusted when most of the body's air (bowel gas, lungs) lies in front of
-  the spine, as in a supine scan the right way up;
+  it); veto: the slice BPR was trained on slices the right way up, so a mirrored reading stands only when the
+  slice BPR's levels of the slices turned over lie far closer to a straight line along the scan than those of
+  the slices as they are (contrast-filled heart and vessels in front of the spine can pull the bone reading
+  forward);
 * **left-right**: the balance of liver-like soft tissue (40-140 HU) in upper-abdominal slices between the
   patient's right and left of the body's centre (positive: right, where the liver is); veto: in chest slices the
   heart (soft tissue in front of the spine, between the lungs) lying to the left turns a contradicting liver
@@ -23,8 +25,11 @@ vetoed, or with too little anatomy to read) it is unsure. Unsure never refuses; 
 does. Levels were calibrated on every real CT at hand, as given and mirrored (``benchmarks/orientation_check.py``,
 ``docs/orientation.md``).
 
-A front-back mirror turns every slice upside down, which the slice BPR reads poorly: when the front-back cue says
-mirrored, the head-feet and left-right cues are read again on the working volume turned the right way up.
+When the spine does not agree (reads mirrored or unsure), the slice BPR reads the working volume turned over
+too: that reading decides the veto, says mirrored on its own where the spine is unsure (its levels at most half
+as scattered turned over), and, when front-back is mirrored, the head-feet and left-right cues use it (the slice
+BPR reads upside-down slices poorly); when front-back stays unsure, head-feet is mirrored only if both readings
+say so.
 """
 
 from __future__ import annotations
@@ -41,7 +46,7 @@ from DiffusionSegLib.errors import UserInputError
 
 __all__ = ["ORIENTATION_MODES", "AXES", "Cue", "OrientationMismatch", "OrientationReading", "add_orientation_argument", "read_anatomy",
            "assess_orientation", "check_orientation", "mirror_image", "mirror_axes_of", "mirrored_index_axes",
-           "orientation_scores"]
+           "orientation_scores", "slice_levels", "turned_levels"]
 
 log = logging.getLogger(__name__)
 
@@ -53,11 +58,17 @@ AXES = ("left-right", "front-back", "head-feet")
 """The patient axes, in the order of LPS x, y, z."""
 
 # levels (see the module docstring; measured margins in docs/orientation.md)
-HEAD_FEET_ALARM, HEAD_FEET_SURE = -0.5, 0.3
+HEAD_FEET_ALARM, HEAD_FEET_SURE = -0.55, 0.3
 FRONT_BACK_ALARM, FRONT_BACK_SURE = -0.08, 0.05
 LEFT_RIGHT_ALARM, LEFT_RIGHT_SURE = -0.1, 0.05
-AIR_BEHIND_VETO = 0.5
-"""A front-back alarm is vetoed (unsure) when less than this share of the body's air lies behind the spine."""
+TURNED_RESIDUAL_SHARE = 0.9
+"""A front-back alarm stands only when the slice BPR's levels of the slices turned over scatter about their straight
+line at most this share of the levels of the slices as they are (otherwise: unsure)."""
+TURNED_ALONE_SHARE = 0.5
+"""Where the spine is unsure, front-back is mirrored when the share above is at most this."""
+TURNED_EVERY, TURNED_MIN_SLICES = 3, 16
+"""The slices turned over are read every third (a third of the slice BPR's cost; both residuals on those slices),
+or more densely where that would leave fewer than 16."""
 HEART_SURE = 0.1
 """A heart reading at or above this (its soft tissue that much more on the left) vetoes a left-right alarm."""
 
@@ -69,7 +80,6 @@ _LIVER_Z_MM = (250.0, 420.0)
 """Slice-BPR levels of upper-abdominal slices (the shipped probe's liver spans 168-455 mm, its kidneys 125-330)."""
 _HEART_Z_MM = (470.0, 560.0)
 _HEART_HU = (0.0, 140.0)
-_AIR_HU = -400.0
 _MIN_SLICES = 5
 
 
@@ -112,7 +122,8 @@ class OrientationReading:
 
     cues: dict[str, Cue]
     heart: float = float("nan")
-    air_behind: float = float("nan")
+    as_is_residual: float = float("nan")
+    turned_residual: float = float("nan")
     seconds: float = 0.0
 
     @property
@@ -124,8 +135,8 @@ class OrientationReading:
         parts = []
         for axis in (AXES[i] for i in self.mirrored):
             cue = self.cues[axis]
-            parts.append(f"{axis} is mirrored against the header ({cue.what} {cue.value:+.2f}, expected > "
-                         f"{cue.alarm:g})")  # fmt: skip
+            reason = cue.note or f"{cue.what} {cue.value:+.2f}, expected > {cue.alarm:g}"
+            parts.append(f"{axis} is mirrored against the header ({reason})")
         return (f"{name}: the anatomy says " + " and ".join(parts) + "; fix the header, or pass --orientation fix "
                 "to mirror it, or --orientation trust-header")  # fmt: skip
 
@@ -135,7 +146,7 @@ class OrientationReading:
     def to_dict(self) -> dict:
         return {"cues": {a: c.to_dict() for a, c in self.cues.items()}, "mirrored": [AXES[i] for i in self.mirrored],
                 "heart": None if not np.isfinite(self.heart) else round(float(self.heart), 4),
-                "air_behind": None if not np.isfinite(self.air_behind) else round(float(self.air_behind), 4)}
+                "as_is_residual_mm": _rounded(self.as_is_residual), "turned_residual_mm": _rounded(self.turned_residual)}
 
 
 def add_orientation_argument(parser: argparse.ArgumentParser, what: str = "input CT") -> None:
@@ -145,6 +156,10 @@ def add_orientation_argument(parser: argparse.ArgumentParser, what: str = "input
                         "front and left: check (refuse a scan that is mirrored against its header), fix (mirror it "
                         "to match the anatomy; results land on the input grid as given), trust-header (no check) "
                         "(default: check)")  # fmt: skip
+
+
+def _rounded(value: float) -> float | None:
+    return round(float(value), 2) if np.isfinite(value) else None
 
 
 def _correlation(a: np.ndarray, b: np.ndarray) -> float:
@@ -162,7 +177,8 @@ def read_anatomy(hu: np.ndarray, spacing_mm: Sequence[float], slice_z: np.ndarra
         spacing_mm: its voxel size (x, y, z).
         slice_z: the slice BPR's anatomical z of each slice (mm).
         rescore: the slice BPR's z of each slice of another ``(z, y, x)`` volume on this grid (read again when the
-            front-back cue says mirrored); None: not read again.
+            spine does not agree; NaN for slices not read, see :func:`slice_levels`); None: not read again (and
+            no front-back veto).
     """
     import time
 
@@ -174,10 +190,8 @@ def read_anatomy(hu: np.ndarray, spacing_mm: Sequence[float], slice_z: np.ndarra
     counts = body.sum(axis=(1, 2))
     slices = np.flatnonzero(counts > 0.3 * counts.max(initial=0)) if counts.any() else np.zeros(0, int)
 
-    head_feet = Cue("head-feet", _correlation(slices.astype(float), np.asarray(slice_z, float)[slices]),
-                    HEAD_FEET_ALARM, HEAD_FEET_SURE, "slice BPR slope")  # fmt: skip
     ys, xs = np.arange(coarse.shape[1], dtype=float), np.arange(coarse.shape[2], dtype=float)
-    centres, spine, air_behind, air_front = {}, [], 0, 0
+    centres, spine = {}, []
     band = _SPINE_BAND_MM / pixel
     for k in slices:
         mask = body[k]
@@ -193,34 +207,47 @@ def read_anatomy(hu: np.ndarray, spacing_mm: Sequence[float], slice_z: np.ndarra
             weights = strip.sum(1)
             sy = float(np.median(np.repeat(ys, weights)))
             spine.append((sy - cy) / half)
-            # air inside the body's rows and columns (lungs, bowel gas), on either side of the spine
-            rows_in = slice(rows[0], rows[-1] + 1)
-            air = (coarse[k][rows_in] < _AIR_HU) & _inside_columns(mask[rows_in])
-            per_row = air.sum(1)
-            cut = int(round(sy)) - rows[0]
-            air_behind += int(per_row[cut:].sum())
-            air_front += int(per_row[:cut].sum())
     front_back_value = float(np.median(spine)) if len(spine) >= _MIN_SLICES else float("nan")
-    total_air = air_behind + air_front
-    behind = air_behind / total_air if total_air > 0.01 * counts.sum() else float("nan")
-    # a supine scan the right way up has most of its air (bowel gas, the lungs' front) in front of the spine; a
-    # mirrored one behind it: a spine reading of "mirrored" with the air in front is not trusted
-    veto = "most of the body's air lies in front of the spine" if np.isfinite(behind) and behind < AIR_BEHIND_VETO \
-        else ""  # fmt: skip
-    front_back = Cue("front-back", front_back_value, FRONT_BACK_ALARM, FRONT_BACK_SURE,
-                     "spine behind body centre").decide(veto)  # fmt: skip
-
-    if front_back.verdict == "mirrored" and rescore is not None:
-        turned = hu[:, ::-1, :]  # the slice BPR reads upside-down slices poorly: read them the right way up
-        slice_z = np.asarray(rescore(np.ascontiguousarray(turned)), float)
-        head_feet.value = _correlation(slices.astype(float), slice_z[slices])
+    front_back = Cue("front-back", front_back_value, FRONT_BACK_ALARM, FRONT_BACK_SURE, "spine behind body centre")
+    positions = slices * float(spacing_mm[2])
+    slice_z = np.asarray(slice_z, float)
+    head_feet = Cue("head-feet", _correlation(positions, slice_z[slices]), HEAD_FEET_ALARM, HEAD_FEET_SURE,
+                    "slice BPR slope")  # fmt: skip
+    turned_residual = float("nan")
+    as_is_residual = _fit_residual(positions, slice_z[slices])
+    if np.isfinite(front_back_value) and front_back_value < FRONT_BACK_SURE and rescore is not None:
+        # the slice BPR was trained on slices the right way up: a scan whose slices are upside down reads along z
+        # far worse than the same slices turned over; a spine reading of "mirrored" stands only when it does, and
+        # where the spine is unsure (a cropped body), a far better reading turned over says mirrored on its own
+        turned_z = np.asarray(rescore(np.ascontiguousarray(hu[:, ::-1, :])), float)
+        read = np.isfinite(turned_z[slices])  # the slices read turned over; both residuals on these
+        as_is_residual = _fit_residual(positions[read], slice_z[slices][read])
+        turned_residual = _fit_residual(positions[read], turned_z[slices][read])
+        share = turned_residual / as_is_residual if as_is_residual > 0 else float("nan")
+        if front_back_value <= FRONT_BACK_ALARM:
+            front_back.decide("" if share <= TURNED_RESIDUAL_SHARE else
+                              "the slice BPR reads the slices no better turned over")  # fmt: skip
+        else:
+            front_back.decide()
+            if share <= TURNED_ALONE_SHARE:
+                front_back.verdict = "mirrored"
+                front_back.note = (f"the slice BPR's levels stray {turned_residual:.0f} mm from a straight line with "
+                                   f"the slices turned over, {as_is_residual:.0f} mm as they are")  # fmt: skip
+        turned = _correlation(positions[read], turned_z[slices][read])
+        if front_back.verdict == "mirrored":
+            known = np.flatnonzero(np.isfinite(turned_z))
+            head_feet.value = turned
+            slice_z = np.interp(np.arange(slice_z.size), known, turned_z[known]) if known.size else turned_z
+        else:
+            # which way is up is unsure: head-feet is mirrored only where both readings say so
+            head_feet.value = max(head_feet.value, turned)
+    else:
+        front_back.decide()
     head_feet.decide()
 
     liver_r = liver_l = heart_r = heart_l = 0
     liver_slices = heart_slices = 0
-    z_of = np.asarray(slice_z, float)
-    if head_feet.verdict == "mirrored":
-        pass  # the slice levels are the anatomy's whichever way the slices run
+    z_of = slice_z  # the slice levels are the anatomy's whichever way the slices run
     for k, (cx, cy, top, bottom) in centres.items():
         plane = coarse[k]
         split = int(round(cx))
@@ -245,35 +272,54 @@ def read_anatomy(hu: np.ndarray, spacing_mm: Sequence[float], slice_z: np.ndarra
     veto = "the heart lies on the left" if np.isfinite(heart) and heart >= HEART_SURE else ""
     left_right = Cue("left-right", liver, LEFT_RIGHT_ALARM, LEFT_RIGHT_SURE, "liver on the right").decide(veto)
     reading = OrientationReading({"left-right": left_right, "front-back": front_back, "head-feet": head_feet},
-                                 heart=heart, air_behind=behind)  # fmt: skip
+                                 heart=heart, as_is_residual=as_is_residual,
+                                 turned_residual=turned_residual)  # fmt: skip
     reading.seconds = time.perf_counter() - start
     return reading
 
 
-def _inside_columns(mask: np.ndarray) -> np.ndarray:
-    """Per row, the columns between the body's first and last voxel in that row."""
-    any_row = mask.any(1)
-    first = np.where(any_row, mask.argmax(1), mask.shape[1])
-    last = np.where(any_row, mask.shape[1] - 1 - mask[:, ::-1].argmax(1), -1)
-    columns = np.arange(mask.shape[1])
-    return (columns[None] >= first[:, None]) & (columns[None] <= last[:, None])
+def _fit_residual(positions: np.ndarray, levels: np.ndarray) -> float:
+    """The spread (mm) of the slice levels about their straight-line fit along the slice positions."""
+    if positions.size < 3:
+        return float("nan")
+    return float(np.std(levels - np.polyval(np.polyfit(positions, levels, 1), positions)))
+
+
+def slice_levels(hu: np.ndarray, model, spacing_mm: Sequence[float], every: int = 1) -> np.ndarray:
+    """The slice BPR's anatomical z (mm) of every ``every``-th slice of a ``(z, y, x)`` working-grid volume (NaN
+    for the others), as the orientation check reads it."""
+    import torch
+
+    from DiffusionSegLib.bpr.sampling import TrainingVolume
+    from DiffusionSegLib.bpr.slice_model import body_crop_centres_mm, slice_offsets
+
+    cfg = model.config
+    tensor = torch.from_numpy(np.ascontiguousarray(hu, dtype=np.float32))
+    volume = TrainingVolume.from_array(tensor, cfg.spacing_mm, cfg.window_hu, cfg.pool_zyx)
+    picked = np.arange(0, hu.shape[0], max(1, int(every)))
+    offsets = slice_offsets(model, volume, body_crop_centres_mm(tensor, cfg.spacing_mm)[picked])
+    levels = np.full(hu.shape[0], np.nan)
+    levels[picked] = offsets[:, 2].double().numpy() + picked * float(spacing_mm[2])
+    return levels
 
 
 def assess_orientation(scores, axis=None) -> OrientationReading:
     """The cues of a CT from its slice BPR reading (:meth:`~DiffusionSegLib.probe.extent.BodyAxis.slice_scores`);
     ``axis``: the ``BodyAxis`` that read it (to read a turned volume again)."""
-    import torch
-
     hu = scores.hu[0, 0].numpy()
     spacing = scores.prepared.image.GetSpacing()
 
     def rescore(turned: np.ndarray) -> np.ndarray:
-        from DiffusionSegLib.bpr.inference import working_slice_offsets
-
-        offsets = working_slice_offsets(torch.from_numpy(turned)[None, None], axis.model)
-        return offsets[:, 2].double().numpy() + np.arange(turned.shape[0]) * float(spacing[2])
+        return turned_levels(turned, axis.model, spacing)
 
     return read_anatomy(hu, spacing, scores.slice_z, rescore if axis is not None else None)
+
+
+def turned_levels(turned: np.ndarray, model, spacing_mm: Sequence[float]) -> np.ndarray:
+    """The check's second reading: :func:`slice_levels` of the working volume turned over, on every
+    :data:`TURNED_EVERY`-th slice (at least :data:`TURNED_MIN_SLICES` slices where the scan has them)."""
+    every = max(1, min(TURNED_EVERY, turned.shape[0] // TURNED_MIN_SLICES))
+    return slice_levels(turned, model, spacing_mm, every)
 
 
 def mirrored_index_axes(image: sitk.Image, lps_axes: Sequence[int]) -> list[int]:

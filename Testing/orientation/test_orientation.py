@@ -16,7 +16,9 @@ import SimpleITK as sitk
 from helpers import DATA, data_path, dice, tilted
 
 from DiffusionSegLib.cli import main
-from DiffusionSegLib.preprocess.orientation import AXES, check_orientation, mirror_image, mirrored_index_axes
+from DiffusionSegLib.preprocess.orientation import (AXES, FRONT_BACK_ALARM, FRONT_BACK_SURE, OrientationMismatch,
+                                                    assess_orientation, check_orientation, mirror_image,
+                                                    mirrored_index_axes, orientation_scores)
 
 SCANS = {"demo": "labeled/totalseg_example_ct_3mm.nii.gz", "btcv": "btcv/btcv_0001_ct.nii.gz"}
 MIRRORS = {"x": (0,), "y": (1,), "z": (2,), "y+z": (1, 2)}
@@ -148,6 +150,29 @@ def test_no_real_ct_alarms():
         if mirrored:
             alarms.append(path.name)
     assert alarms == []
+
+
+def test_contrast_in_front_of_the_spine_does_not_alarm():
+    """A contrast chest CT the right way up whose spine reads mirrored (the filled heart and vessels in front of it
+    pull the bone reading forward): the slice BPR reads its slices far better as they are, so front-back is unsure."""
+    image = sitk.ReadImage(str(data_path("unlabeled/cmb_crc_msb01068_ct_chest.nii.gz")))
+    reading = assess_orientation(*reversed(orientation_scores(image)))
+    cue = reading.cues["front-back"]
+    assert cue.value <= FRONT_BACK_ALARM and cue.verdict == "unsure" and "no better turned over" in cue.note
+    assert reading.turned_residual > 2 * reading.as_is_residual
+    assert reading.mirrored == []
+
+
+def test_front_back_mirror_of_a_cropped_scan_is_caught_by_the_slice_bpr(capsys):
+    """A BTCV crop cuts the body, so its spine reads unsure either way up; mirrored front-back, the slice BPR reads
+    its slices far better turned over, which alone says mirrored (and names no other axis)."""
+    image = sitk.ReadImage(str(data_path("btcv/btcv_0002_ct.nii.gz")))
+    assert FRONT_BACK_ALARM < assess_orientation(*reversed(orientation_scores(image))).cues["front-back"].value < \
+        FRONT_BACK_SURE  # fmt: skip
+    with pytest.raises(OrientationMismatch) as caught:
+        check_orientation(_mirrored(image, (1,)), "check", "case")
+    assert caught.value.axes == ["front-back"]
+    assert "turned over" in str(caught.value) and "--orientation fix" in str(caught.value)
 
 
 def test_fix_mirrors_the_label_map_with_the_ct():
